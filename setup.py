@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "pillow",
     "tqdm",
     "ftfy",
+    "regex",
+    "tensorboard",
 ]
 
 setup(
