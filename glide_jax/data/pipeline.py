@@ -1,0 +1,404 @@
+"""The TF-free input pipeline: tfds array_record files -> grain -> per-host numpy batches.
+
+    data = make_dataset(config.data, "train", tokenizer=tok, process_index=jax.process_index(),
+                        process_count=jax.process_count(), seed=config.data.seed)
+    batch = make_global_batch(next(data), mesh)       # dict of batch-sharded jax.Arrays
+    state = data.get_state()                          # JSON-able; data.set_state(state) resumes
+
+Order: the split's records are shuffled globally with `seed` (a new permutation every epoch),
+repeated forever, and process p takes every `process_count`-th record of that stream starting at
+p, so hosts read disjoint records and together consume the global stream in order. Every random
+augmentation draws from a generator seeded by (seed, stream position), so batches depend only on
+(seed, split, process_index, process_count), never on timing or worker count, and restoring the
+iterator state resumes at the same example.
+
+A local batch holds (B = batch_size // process_count):
+    image          float32 [B, S, S, 3] in [-1, 1]
+    caption        object  [B] str (not sent to devices by `make_global_batch`)
+    tokens, mask   int32 / bool [B, text_ctx]           when a tokenizer is given
+    low_res        float32 [B, s, s, 3]                 when low_res_size > 0 (area downsample
+                                                        of `image`, plus N(0, noise_aug_std))
+    inpaint_mask   float32 [B, S, S, 1] (1 = known)     when mask != "none"
+    inpaint_image  float32 [B, S, S, 3] = image * inpaint_mask
+
+Config fields (`config.data`): name ("synthetic_shapes[/<config>]" | "folder:<path>" | a tfds
+name with `image_<S>` or `image` and `caption` features, prepared as array_record), data_dir
+("" = tfds' default), image_size, low_res_size (0 = none), text_ctx, batch_size (global), seed,
+num_workers (grain worker processes; 0 = in-process threads), random_flip (mirrors the image and
+swaps "left"/"right" in its caption, so shapes captions stay true), random_crop (a square of
+0.8-1x the side of the largest stored image, resized), noise_aug_std, mask ("none" | "rect" |
+"brush" | "mixed"), train_examples (synthetic_shapes only; 0 = builder default).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw
+
+from glide_jax.data import folder as folder_lib
+from glide_jax.data import shapes
+
+MASKS = ("none", "rect", "brush", "mixed")
+CROP_MIN_SCALE = 0.8  # random_crop: square side drawn from [0.8, 1] x the source side
+FOLDER_PREFIX = "folder:"
+READ_THREADS = 4  # per process (the main one, or each grain worker)
+PREFETCH_BATCHES = 8
+
+
+def _get(cfg: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    value = cfg.get(name, default)
+    return default if value is None else value
+
+
+# ------------------------------------------------------------------------------------ builders
+
+def get_builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+    """The tfds builder named by `cfg.name` (not prepared yet), reading/writing array_record."""
+    name = cfg["name"]
+    data_dir = _get(cfg, "data_dir", "") or None
+    sizes = sorted({int(cfg["image_size"]), int(_get(cfg, "low_res_size", 0))} - {0})
+    kwargs = dict(data_dir=data_dir, file_format="array_record")
+    if name.startswith(FOLDER_PREFIX):
+        config = folder_lib.FolderConfig.for_folder(name[len(FOLDER_PREFIX):], sizes=sizes)
+        return folder_lib.ImageCaptionFolder(config=config, **kwargs)
+    if name.split("/")[0] == "synthetic_shapes":
+        config_name = name.split("/")[1] if "/" in name else ("64" if max(sizes) <= 64 else "256")
+        config = shapes.SyntheticShapes.builder_configs[config_name]
+        n = int(_get(cfg, "train_examples", 0))
+        if n and n != config.num_train:
+            config = dataclasses.replace(config, name=f"{config.name}_n{n}", num_train=n)
+        else:
+            config = config_name  # by name: tfds rejects copies of a predefined config object
+        return shapes.SyntheticShapes(config=config, **kwargs)
+    return tfds.builder(name, **kwargs)
+
+
+def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+    """Generates the embedded datasets (shapes, folders) when missing; other tfds datasets must
+    already be prepared in array_record format. Call on one process first when several share
+    `data_dir`; generation is deterministic, so per-host local copies are identical."""
+    builder = get_builder(cfg)
+    if not builder.is_prepared():
+        if not isinstance(builder, (shapes.SyntheticShapes, folder_lib.ImageCaptionFolder)):
+            raise FileNotFoundError(
+                f"tfds dataset {cfg['name']!r} is not prepared in {builder.data_dir}; run "
+                "`tfds build --file_format=array_record` for it first")
+        t0 = time.perf_counter()
+        builder.download_and_prepare(file_format="array_record")
+        logging.info("prepared %s in %.1fs", builder.data_dir, time.perf_counter() - t0)
+    return builder
+
+
+# -------------------------------------------------------------------------------- augmentation
+
+def area_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 or float [H, H, C] -> float32 [size, size, C]: box mean when H is a multiple of size,
+    else PIL's box (area) filter."""
+    h = image.shape[0]
+    if h == size:
+        return image.astype(np.float32)
+    if h % size == 0:
+        f = h // size
+        return image.reshape(size, f, size, f, -1).mean((1, 3), dtype=np.float32)
+    img = Image.fromarray(np.asarray(image, np.uint8))
+    return np.asarray(img.resize((size, size), Image.BOX), np.float32)
+
+
+def rect_mask(size: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [S, S, 1], 1 = known; one unknown rectangle with sides in [1/4, 3/4] of S."""
+    h, w = (rng.uniform(0.25, 0.75, size=2) * size).astype(int)
+    y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    mask = np.ones((size, size, 1), np.float32)
+    mask[y:y + h, x:x + w] = 0.0
+    return mask
+
+
+def brush_mask(size: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [S, S, 1], 1 = known; 1-4 random thick polyline strokes are unknown."""
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 5))):
+        width = max(1, int(rng.uniform(0.06, 0.15) * size))
+        pts = [tuple(rng.uniform(0, size, size=2))]
+        for _ in range(int(rng.integers(3, 8))):
+            angle, step = rng.uniform(0, 2 * np.pi), rng.uniform(0.1, 0.3) * size
+            x, y = pts[-1]
+            pts.append((float(np.clip(x + step * np.cos(angle), 0, size - 1)),
+                        float(np.clip(y + step * np.sin(angle), 0, size - 1))))
+        draw.line(pts, fill=0, width=width, joint="curve")
+    return (np.asarray(img, np.float32) / 255.0)[..., None]
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """The caption of the mirrored image: "left" <-> "right" (keeps "to the left of" true)."""
+    def swap(m: re.Match) -> str:
+        word = {"left": "right", "right": "left"}[m.group(0).lower()]
+        return word.capitalize() if m.group(0)[0].isupper() else word
+
+    return _LEFT_RIGHT.sub(swap, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """One record -> one example (see the module docstring); picklable for grain workers."""
+
+    image_size: int
+    low_res_size: int = 0
+    random_flip: bool = False
+    random_crop: bool = False
+    noise_aug_std: float = 0.0
+    mask: str = "none"
+
+    def source_image(self, record: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
+        """uint8 [S, S, 3]: the stored `image_<S>`, else (or with random_crop) a square crop of
+        the largest stored `image_<size>` / `image` resized to S."""
+        s = self.image_size
+        stored = {int(k[6:]): k for k in record if k.startswith("image_") and k[6:].isdigit()}
+        if s in stored and not self.random_crop:
+            return np.asarray(record[stored[s]])
+        src = np.asarray(record[stored[max(stored)]] if stored else record["image"])
+        h, w = src.shape[:2]
+        side = min(h, w)
+        y, x = (h - side) // 2, (w - side) // 2
+        if self.random_crop:
+            side = int(round(side * rng.uniform(CROP_MIN_SCALE, 1.0)))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = Image.fromarray(src[y:y + side, x:x + side].squeeze()).convert("RGB")
+        return folder_lib.square_resize(crop, s)
+
+    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        img = self.source_image(record, rng)
+        cap = record.get("caption", b"")
+        cap = cap.decode("utf-8", "replace") if isinstance(cap, bytes) else str(cap)
+        if self.random_flip and rng.uniform() < 0.5:
+            img = img[:, ::-1]
+            cap = swap_left_right(cap)
+        x = img.astype(np.float32) / 127.5 - 1.0
+        out = {"image": x, "caption": cap}
+        if self.low_res_size:
+            low = area_resize(img, self.low_res_size) / 127.5 - 1.0
+            if self.noise_aug_std > 0:
+                low = low + rng.normal(0.0, self.noise_aug_std, low.shape).astype(np.float32)
+            out["low_res"] = low.astype(np.float32)
+        if self.mask != "none":
+            kind = self.mask if self.mask != "mixed" else ("rect", "brush")[int(rng.integers(2))]
+            m = (rect_mask if kind == "rect" else brush_mask)(self.image_size, rng)
+            out["inpaint_mask"] = m
+            out["inpaint_image"] = x * m
+        return out
+
+
+def collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Stacks arrays; strings become an object array."""
+    out = {}
+    for key in examples[0]:
+        values = [ex[key] for ex in examples]
+        out[key] = (np.array(values, dtype=object) if isinstance(values[0], str)
+                    else np.stack(values))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize:
+    """Adds tokens [B, L] int32 and mask [B, L] bool for the batch's captions."""
+
+    tokenizer: Any
+    text_ctx: int
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens, mask = self.tokenizer.encode_batch(list(batch["caption"]), self.text_ctx)
+        return {**batch, "tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, bool)}
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+def make_dataset(
+    config: Mapping[str, Any],
+    split: str = "train",
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    seed: int | None = None,
+    tokenizer: Any = None,
+    repeat: bool = True,
+) -> "DataIterator":
+    """A checkpointable iterator of per-host numpy batches (see the module docstring).
+
+    Args:
+      config: `config.data` (or a whole config with a `data` section).
+      split: a split of the dataset ("train", "validation").
+      process_index, process_count: this host and the number of hosts.
+      seed: shuffle/augmentation seed (default `config.seed`).
+      tokenizer: `encode_batch(list[str], text_ctx) -> (tokens [B, L], mask [B, L])`; None
+        leaves only `caption`.
+      repeat: False = one pass over this host's records (evaluation); the last partial batch is
+        dropped.
+    Returns:
+      A `DataIterator`: `next(it)`, `it.get_state()` ({"step": batches read}),
+      `it.set_state(state)`, `it.close()`.
+    """
+    cfg = config["data"] if "data" in config else config
+    mask = _get(cfg, "mask", "none")
+    if mask not in MASKS:
+        raise ValueError(f"data.mask={mask!r}; expected one of {MASKS}")
+    batch_size = int(cfg["batch_size"])
+    if batch_size % process_count:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by {process_count} hosts")
+    seed = int(_get(cfg, "seed", 0) if seed is None else seed)
+
+    builder = prepare(cfg)
+    source = builder.as_data_source(split=split)
+    if len(source) < process_count:
+        raise ValueError(
+            f"{cfg['name']}[{split}] has {len(source)} records for {process_count} hosts")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle()
+    if repeat:
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(Preprocess(
+        image_size=int(cfg["image_size"]),
+        low_res_size=int(_get(cfg, "low_res_size", 0)),
+        random_flip=bool(_get(cfg, "random_flip", False)),
+        random_crop=bool(_get(cfg, "random_crop", False)),
+        noise_aug_std=float(_get(cfg, "noise_aug_std", 0.0)),
+        mask=mask,
+    ))
+    ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=collate)
+    if tokenizer is not None:
+        ds = ds.map(Tokenize(tokenizer, int(_get(cfg, "text_ctx", 128))))
+    return DataIterator(ds, int(_get(cfg, "num_workers", 0)))
+
+
+class DataIterator:
+    """Iterator over a batched grain MapDataset whose state is the number of batches read.
+
+    `{"step": n}` does not depend on the worker count, so a run may resume with other
+    `num_workers`; restoring re-opens the dataset at batch n (grain's random access).
+    """
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int = 0):
+        self._batches = batches
+        self._num_workers = num_workers
+        self._step = 0
+        self._it = None
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._open(self._step)
+        batch = next(self._it)
+        self._step += 1
+        if self._num_workers > 0:
+            # Own copies: grain's shared-memory arrays are freed now, not at interpreter exit.
+            batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        return batch
+
+    def _open(self, start: int):
+        # Elements are whole batches: a few threads and a short queue (grain's defaults of 16
+        # threads and 500 elements would hold hundreds of batches).
+        ds = self._batches[start:].to_iter_dataset(
+            grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES))
+        if self._num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use defaults
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+        return iter(ds)
+
+    def get_state(self) -> dict[str, int]:
+        return {"step": self._step}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.close()
+        self._step = int(state["step"])
+
+    def close(self) -> None:
+        """Stops worker processes (if any); iteration may continue afterwards."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_spec=None) -> dict:
+    """Per-host numpy batch -> global jax.Arrays, leading axis sharded over the data axes.
+
+    Args:
+      local_batch: this process's batch (numeric arrays; strings are left out).
+      mesh: the device mesh.
+      batch_spec: PartitionSpec entry for the batch axis; default the (data, fsdp) axes.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    if batch_spec is None:
+        from glide_jax.sharding import DATA, FSDP
+        batch_spec = tuple(a for a in (DATA, FSDP) if a in mesh.axis_names)
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        if value.dtype == object or value.dtype.kind in "SU":
+            continue
+        sharding = NamedSharding(mesh, P(batch_spec, *([None] * (value.ndim - 1))))
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+def benchmark(config: Mapping[str, Any], steps: int = 50, *, tokenizer: Any = None,
+              warmup: int = 3) -> float:
+    """Images per second that `make_dataset` delivers on this host (after `warmup` batches)."""
+    cfg = config["data"] if "data" in config else config
+    it = make_dataset(cfg, "train", tokenizer=tokenizer)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(steps):
+        n += len(next(it)["image"])
+    rate = n / (time.perf_counter() - t0)
+    it.close()
+    return rate
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m glide_jax.data.pipeline --bench [--steps N] [data.field=value ...]`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="measure images/s")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("overrides", nargs="*", help="data.<field>=<value> on the default config")
+    args = parser.parse_args(argv)
+    from glide_jax import tokenizer as tokenizer_lib
+    from glide_jax.config import default_config
+
+    config = default_config()
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        field = key.removeprefix("data.")
+        old = config.data[field]
+        config.data[field] = value in ("1", "true", "True") if isinstance(old, bool) else type(old)(value)
+    tok = tokenizer_lib.get_tokenizer(config.tokenizer.name, text_ctx=config.data.text_ctx)
+    prepare(config.data)
+    if args.bench:
+        rate = benchmark(config.data, args.steps, tokenizer=tok)
+        print(f"{config.data.name}: {rate:.1f} images/s ({config.data.num_workers} workers, "
+              f"batch {config.data.batch_size}, {os.cpu_count()} cpus)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
