@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "ftfy",
     "regex",
     "tensorboard",
+    "importlib_resources",
 ]
 
 setup(

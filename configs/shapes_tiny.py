@@ -1,0 +1,41 @@
+"""Tiny text-to-image GLIDE on the embedded synthetic-shapes dataset (the `make demo` config).
+
+    python -m glide_jax.train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
+
+Hardware: 2 CPU cores (no accelerator). Runtime and loss: see README "Demo" (measured).
+32x32 images, 64 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
+"""
+from glide_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    h = c.model.hparams
+    h.image_size = 32
+    h.num_channels = 64
+    h.num_res_blocks = 1
+    h.channel_mult = "1,2,2"
+    h.num_head_channels = 32
+    h.attention_resolutions = "8"
+    h.dropout = 0.0
+    h.text_ctx = 16
+    h.xf_width = 128
+    h.xf_layers = 2
+    h.xf_heads = 4
+    c.data.name = "synthetic_shapes"
+    c.data.image_size = 32
+    c.data.text_ctx = 16
+    c.data.batch_size = 32
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.grad_clip = 1.0
+    c.train.num_steps = 1500
+    c.train.ema_rate = 0.995
+    c.train.log_every = 25
+    c.train.checkpoint_every = 250
+    c.train.sample_every = 0
+    c.sample.prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    c.sample.respacing = "25"
+    c.sample.sampler = "ddim"
+    c.sample.guidance_scale = 3.0
+    return c

@@ -1,0 +1,295 @@
+"""Sampling: the public API (`generate`, `sample_images`, `cascade`) and the command line.
+
+    python -m glide_jax.sample --checkpoint DIR --prompt "a red circle" [--prompt ...] \
+        --guidance cfg --scale 3 --steps 50 --sampler ddim --seed 0 --out grid.png
+
+`DIR` is a training workdir (EMA params of its newest checkpoint) or a converted release
+(`python -m glide_jax.convert`). Text is encoded once before the loop; the whole sampler
+(one `lax.scan`) is jitted and compiled once per shape: new prompts, seeds and guidance
+scales reuse the compiled program.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glide_jax.diffusion import guidance as G
+from glide_jax.diffusion import sampling, schedules
+
+log = logging.getLogger("glide_jax.sample")
+
+UNET_KINDS = ("base", "upsample", "base-inpaint", "upsample-inpaint")
+GUIDANCE = ("none", "cfg", "clip", "classifier")
+
+
+class SampleError(ValueError):
+    """A user mistake (bad checkpoint, wrong sizes, empty prompt list); printed without traceback."""
+
+
+# ---------------------------------------------------------------------------- core
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "sampler", "eta", "guidance", "clip_denoised", "inpaint_known", "return_all",
+                     "guide_model"),
+)
+def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide_inputs, *,
+              model, sampler, eta, guidance, clip_denoised, inpaint_known, return_all, guide_model):
+    text = None
+    model_inputs = dict(inputs)
+    tokens = model_inputs.pop("tokens", None)
+    mask = model_inputs.pop("mask", None)
+    if tokens is not None:
+        # encoded once, outside the scan loop
+        text = model.apply({"params": params}, tokens, mask, method="encode_text")
+
+    def model_fn(x, t):
+        return model.apply({"params": params}, x, t, text=text, **model_inputs)
+
+    if guidance == "cfg":
+        model_fn = G.classifier_free(model_fn, scale)
+    cond_fn = None
+    if guidance == "clip":
+        def score(x, t):
+            image_emb = guide_model.apply({"params": guide_params}, x, t, method="image_embeddings")
+            return guide_model.config.logit_scale * jnp.sum(image_emb * guide_inputs["text_emb"], axis=-1)
+
+        cond_fn = G.gradient_cond_fn(score, scale)
+    elif guidance == "classifier":
+        def score(x, t):
+            logits = guide_model.apply({"params": guide_params}, x, t).astype(jnp.float32)
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            return jnp.take_along_axis(logp, guide_inputs["y"][:, None], axis=-1)[:, 0]
+
+        cond_fn = G.gradient_cond_fn(score, scale)
+    denoised_fn = None
+    if inpaint_known:
+        denoised_fn = G.inpaint_denoised_fn(inputs["inpaint_image"], inputs["inpaint_mask"])
+    return sampling.sample_loop(
+        model_fn, sched, x_T, sampler=sampler, eta=eta, rng=rng, noise=noise,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, return_all=return_all,
+    )
+
+
+def generate(
+    model,
+    params,
+    inputs: Mapping[str, Any],
+    *,
+    sched: schedules.Schedule,
+    sampler: str = "ddpm",
+    guidance: str = "none",
+    scale: float = 0.0,
+    eta: float = 0.0,
+    rng: jax.Array | None = None,
+    x_T: jax.Array | None = None,
+    noise: jax.Array | None = None,
+    temperature: float = 1.0,
+    clip_denoised: bool = True,
+    inpaint_known: bool = False,
+    guide_model=None,
+    guide_params=None,
+    guide_inputs: Mapping[str, Any] | None = None,
+    return_all: bool = False,
+):
+    """Runs the reverse process of `model` (a Text2ImUNet) on B rows.
+
+    Args:
+      inputs: per-row model inputs, NHWC: `tokens` [B, L], `mask` [B, L], optionally `low_res`
+        [B, s, s, 3], `inpaint_image` [B, S, S, 3], `inpaint_mask` [B, S, S, 1]. With
+        guidance="cfg" the rows are GLIDE's [conditional n; unconditional n] (B = 2n) and the
+        first n rows of the result are the guided samples.
+      sched: a respaced schedule (`schedules.make_schedule(name, steps, respacing)`).
+      sampler: "ddpm" (ancestral, learned variance), "ddim" (eta), or "dpm++" (2M).
+      guidance: "none", "cfg" (scale = guidance scale), "clip" / "classifier" (scale = gradient
+        scale; guide_model/guide_params/guide_inputs = the noised CLIP with `text_emb` [B, D],
+        or the classifier with labels `y` [B]).
+      rng: key for x_T and the step noises (unused for what `x_T` / `noise` give explicitly).
+      x_T: optional starting sample [B, S, S, 3] (already multiplied by the temperature).
+      noise: optional explicit per-step noise [N, B, S, S, 3].
+      temperature: multiplies a drawn x_T (GLIDE's upsampler uses 0.997).
+      inpaint_known: force the known region (inpaint_mask = 1) back into every x̂₀.
+    Returns:
+      samples [B, S, S, 3] (and all steps [N, B, S, S, 3] with return_all).
+    """
+    if guidance not in GUIDANCE:
+        raise SampleError(f"unknown guidance {guidance!r}; expected one of {GUIDANCE}")
+    if guidance == "cfg" and inputs["tokens"].shape[0] % 2:
+        raise SampleError("classifier-free guidance needs [conditional; unconditional] rows (an even batch)")
+    size = model.config.image_size
+    batch = inputs["tokens"].shape[0] if "tokens" in inputs else inputs["low_res"].shape[0]
+    if rng is None:
+        rng = jax.random.PRNGKey(0)
+    x_rng, loop_rng = jax.random.split(rng)
+    if x_T is None:
+        x_T = temperature * jax.random.normal(x_rng, (batch, size, size, 3), jnp.float32)
+    inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
+    return _generate(
+        params, inputs, jnp.asarray(x_T, jnp.float32), None if noise is None else jnp.asarray(noise, jnp.float32),
+        loop_rng, jnp.asarray(scale, jnp.float32), sched, guide_params, dict(guide_inputs or {}),
+        model=model, sampler=sampler, eta=float(eta), guidance=guidance, clip_denoised=clip_denoised,
+        inpaint_known=inpaint_known, return_all=return_all, guide_model=guide_model,
+    )
+
+
+# ---------------------------------------------------------------------------- convenience
+
+
+def schedule_for(hparams: Mapping[str, Any], respacing: str) -> schedules.Schedule:
+    from glide_jax.config import diffusion_of
+
+    name, steps = diffusion_of(hparams)
+    return schedules.make_schedule(name, steps, str(respacing))
+
+
+def respacing_for(sampler: str, steps: int | str) -> str:
+    """`--steps N` -> the respacing string ("ddimN" for DDIM, so its steps are evenly strided)."""
+    if isinstance(steps, str) and not steps.isdigit():
+        return steps
+    return f"ddim{int(steps)}" if sampler == "ddim" else str(int(steps))
+
+
+def text_inputs(tok, prompts: Sequence[str], text_ctx: int, *, cfg: bool) -> dict[str, np.ndarray]:
+    """Tokens/mask rows for the prompts, followed by as many empty captions when `cfg`."""
+    rows = list(prompts) + ([""] * len(prompts) if cfg else [])
+    tokens, mask = tok.encode_batch(rows, text_ctx)
+    return {"tokens": np.asarray(tokens, np.int32), "mask": np.asarray(mask, bool)}
+
+
+def sample_images(
+    model, params, tok, prompts: Sequence[str], *, config=None, hparams: Mapping | None = None,
+    guidance_scale: float = 0.0, respacing: str = "50", sampler: str = "ddim", seed: int = 0,
+    eta: float = 0.0, temperature: float = 1.0, low_res: np.ndarray | None = None,
+    inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Samples one image per prompt; CFG when guidance_scale > 0. Returns [n, S, S, 3] in [-1, 1]."""
+    if not prompts:
+        raise SampleError("no prompts given")
+    if hparams is None:
+        hparams = config.model.hparams.to_dict() if hasattr(config.model.hparams, "to_dict") else config.model.hparams
+    cfg = guidance_scale > 0
+    inputs = text_inputs(tok, prompts, model.config.text_ctx, cfg=cfg)
+    reps = 2 if cfg else 1
+    for name, value in (("low_res", low_res), ("inpaint_image", inpaint_image), ("inpaint_mask", inpaint_mask)):
+        if value is not None:
+            inputs[name] = np.concatenate([np.asarray(value, np.float32)] * reps)
+    out = generate(
+        model, params, inputs, sched=schedule_for(hparams, respacing), sampler=sampler,
+        guidance="cfg" if cfg else "none", scale=guidance_scale, eta=eta, temperature=temperature,
+        rng=jax.random.PRNGKey(seed), inpaint_known=inpaint_image is not None,
+    )
+    return np.asarray(out)[: len(prompts)]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def load_for_sampling(path: str):
+    """(model, params, tokenizer, config-like) from a training workdir or a converted release."""
+    from glide_jax import checkpoint, models
+    from glide_jax.tokenizer import GlideBPE, SentencePieceTokenizer
+
+    p = pathlib.Path(path)
+    if not p.exists() and "://" not in path:
+        raise SampleError(f"checkpoint {path} does not exist")
+    converted = (p / "params").exists() and (p / "config.json").exists() and not (p / "checkpoints").exists()
+    if converted:
+        from glide_jax.convert import load_converted
+
+        hparams, params = load_converted(path)
+        tok = GlideBPE(text_ctx=int(hparams.get("text_ctx", 128)))
+        model = models.from_hparams(hparams)
+        return model, params, tok, _Cfg(hparams)
+    cfg_json = checkpoint.read_config(path)
+    if cfg_json is None:
+        raise SampleError(f"{path} is neither a training workdir (config.json + checkpoints/) nor a converted "
+                          "checkpoint (config.json + params/)")
+    import ml_collections
+
+    from glide_jax.train import abstract_state, build_model, unbox
+    from glide_jax.train_state import make_optimizer
+
+    config = ml_collections.ConfigDict(cfg_json)
+    model = build_model(config)
+    hparams = config.model.hparams.to_dict()
+    manager = checkpoint.make_manager(path, async_save=False)
+    if not manager.all_steps():
+        raise SampleError(f"{path} has no checkpoint yet")
+    tx = make_optimizer(config.optim)
+    boxed, _ = abstract_state(model, tx, model.init_inputs(batch=1), jax.random.PRNGKey(0))
+    restored = checkpoint.restore_latest(manager, unbox(boxed))
+    step, state, _, _ = restored
+    if config.tokenizer.name == "sentencepiece":
+        tok = SentencePieceTokenizer(config.tokenizer.model_file, text_ctx=config.data.text_ctx)
+    else:
+        tok = GlideBPE(text_ctx=config.data.text_ctx)
+    log.info("loaded EMA params of step %d from %s", step, path)
+    return model, state.ema_params, tok, _Cfg(hparams)
+
+
+@dataclasses.dataclass
+class _Cfg:
+    """The minimal config view `sample_images` needs (model.hparams)."""
+
+    hparams: dict
+
+    @property
+    def model(self):
+        return self
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from glide_jax import images
+
+    parser = argparse.ArgumentParser(prog="python -m glide_jax.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint dir")
+    parser.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
+    parser.add_argument("--guidance", choices=GUIDANCE, default="cfg")
+    parser.add_argument("--scale", type=float, default=3.0, help="guidance scale")
+    parser.add_argument("--steps", default="50", help="sampling steps (or a respacing string, e.g. fast27)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--individual", action="store_true", help="also write each image as OUT_<i>.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    try:
+        if not args.prompt:
+            raise SampleError("no --prompt given")
+        model, params, tok, cfg = load_for_sampling(args.checkpoint)
+        t0 = time.perf_counter()
+        x = sample_images(
+            model, params, tok, args.prompt, hparams=cfg.hparams,
+            guidance_scale=args.scale if args.guidance == "cfg" else 0.0,
+            respacing=respacing_for(args.sampler, args.steps), sampler=args.sampler, seed=args.seed,
+        )
+    except (SampleError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pics = images.to_uint8(x)
+    grid = images.grid(pics, args.prompt, scale=max(1, 128 // pics.shape[1]))
+    out = images.save_png(args.out, grid)
+    if args.individual:
+        for i, pic in enumerate(pics):
+            images.save_png(out.with_name(f"{out.stem}_{i}.png"), pic)
+    print(f"wrote {out} ({len(args.prompt)} images, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
