@@ -208,3 +208,180 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet building blocks (GLIDE / guided-diffusion). Sub-module names mirror the PyTorch module
+# names (`in_layers_0` = `in_layers.0`, ...) so that the weight port is a table.
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x upsampling. [B, H, W, C] -> [B, 2H, 2W, C]."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2 (odd trailing rows/columns dropped as in PyTorch)."""
+    b, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def resolve_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """GLIDE's head count: channels // num_head_channels unless that is -1, else num_heads."""
+    if num_head_channels == -1:
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels not divisible by {num_heads} heads")
+        return num_heads
+    if channels % num_head_channels:
+        raise ValueError(f"{channels} channels not divisible by num_head_channels {num_head_channels}")
+    return channels // num_head_channels
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling, then an optional 3x3 conv (`conv`). [B,H,W,C] -> [B,2H,2W,C']."""
+
+    use_conv: bool = True
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest_2x(x)
+        if self.use_conv:
+            x = Conv(self.out_channels or x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (`op`) or, without conv, 2x2 average pooling. [B,H,W,C] -> [B,H/2,W/2,C']."""
+
+    use_conv: bool = True
+    out_channels: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return Conv(self.out_channels or x.shape[-1], 3, stride=2, dtype=self.dtype, name="op")(x)
+        if self.out_channels not in (None, x.shape[-1]):
+            raise ValueError("average-pool downsampling cannot change the channel count")
+        return avg_pool_2x(x)
+
+
+class ResBlock(nn.Module):
+    """GLIDE residual block conditioned on the embedding `emb`.
+
+    in_layers (GroupNorm, SiLU, [up/down], 3x3 conv) -> + emb_layers(emb) (or FiLM scale/shift
+    around out_layers_0) -> out_layers (GroupNorm, SiLU, dropout, zero-init 3x3 conv), plus the
+    skip path (x, [up/down], 1x1 conv when the channel count changes).
+
+    x: [B, H, W, C_in], emb: [B, E] -> [B, H', W', out_channels] (H' = 2H / H/2 for up / down).
+    """
+
+    out_channels: int
+    use_scale_shift_norm: bool = True
+    dropout: float = 0.0
+    up: bool = False
+    down: bool = False
+    train: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        c_out = self.out_channels
+        h = nn.silu(GroupNorm(name="in_layers_0")(x)).astype(self.dtype)
+        if self.up:
+            h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
+        elif self.down:
+            h, x = avg_pool_2x(h), avg_pool_2x(x)
+        h = Conv(c_out, 3, dtype=self.dtype, name="in_layers_2")(h)
+
+        n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
+        emb_out = Dense(n_emb, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
+        emb_out = emb_out.astype(jnp.float32)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = GroupNorm(name="out_layers_0")(h) * (1 + scale) + shift
+        else:
+            h = GroupNorm(name="out_layers_0")(h + emb_out)
+        h = nn.silu(h).astype(self.dtype)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, name="out_layers_2")(h, deterministic=not self.train)
+        h = Conv(c_out, 3, dtype=self.dtype, kernel_init=zeros, name="out_layers_3")(h)
+
+        if x.shape[-1] != c_out:
+            x = Conv(c_out, 1, dtype=self.dtype, name="skip_connection")(x)
+        return x.astype(self.dtype) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions (plus encoder tokens when `encoder_out` is given).
+
+    `qkv` (a 1x1 conv as Dense C -> 3C) is split per head first ([q0,k0,v0,q1,...], GLIDE's
+    legacy order) or, with `use_new_attention_order`, q/k/v first ([q_all, k_all, v_all]).
+    `encoder_kv` (Dense W_enc -> 2C, per-head [k0,v0,k1,v1,...]) projects the text features,
+    whose keys/values are PREPENDED to the spatial ones. `proj_out` is zero-initialised.
+
+    x: [B, H, W, C], encoder_out: optional [B, L, W_enc] -> [B, H, W, C].
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_new_attention_order: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, encoder_out: jax.Array | None = None) -> jax.Array:
+        b, hh, ww, c = x.shape
+        heads = resolve_heads(c, self.num_heads, self.num_head_channels)
+        d = c // heads
+        h = GroupNorm(name="norm")(x).astype(self.dtype).reshape(b, hh * ww, c)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+        if self.use_new_attention_order:
+            q, k, v = jnp.moveaxis(qkv.reshape(b, hh * ww, 3, heads, d), 2, 0)
+        else:
+            q, k, v = jnp.split(qkv.reshape(b, hh * ww, heads, 3 * d), 3, axis=-1)
+        if encoder_out is not None:
+            ekv = Dense(2 * c, dtype=self.dtype, name="encoder_kv")(encoder_out.astype(self.dtype))
+            ek, ev = jnp.split(ekv.reshape(b, encoder_out.shape[1], heads, 2 * d), 2, axis=-1)
+            k = jnp.concatenate([ek, k], axis=1)
+            v = jnp.concatenate([ev, v], axis=1)
+        a = attention(q, k, v).reshape(b, hh * ww, c)
+        a = Dense(c, dtype=self.dtype, kernel_init=zeros, name="proj_out")(a)
+        return x.astype(self.dtype) + a.reshape(b, hh, ww, c)
+
+
+class AttentionPool2d(nn.Module):
+    """guided-diffusion's attention pooling head (adapted from CLIP), read at position 0.
+
+    The mean over positions is prepended to the H*W positions, `positional_embedding`
+    [C, H*W+1] is added, then one attention with `qkv_proj` (Dense C -> 3C, split q/k/v first,
+    heads second) and `c_proj` (Dense C -> output_dim).
+
+    x: [B, H, W, C] -> [B, output_dim].
+    """
+
+    num_head_channels: int
+    output_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hh, ww, c = x.shape
+        heads = resolve_heads(c, 1, self.num_head_channels)
+        d = c // heads
+        pos = free_param(
+            self,
+            "positional_embedding",
+            (c, hh * ww + 1),
+            lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / np.sqrt(c),
+            (EMBED, POSITION),
+        )
+        x = x.reshape(b, hh * ww, c)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+        x = (x + pos.T[None].astype(x.dtype)).astype(self.dtype)
+        qkv = Dense(3 * c, dtype=self.dtype, name="qkv_proj")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, hh * ww + 1, 3, heads, d), 2, 0)
+        a = attention(q[:, :1], k, v).reshape(b, 1, c)
+        return Dense(self.output_dim, dtype=self.dtype, name="c_proj")(a)[:, 0]

@@ -1,0 +1,127 @@
+"""Parity for GLIDE's four UNet kinds (base, upsample, base-inpaint, upsample-inpaint).
+
+Loads `model.pt` into `Text2ImUNet` and recomputes every output of the fixture: the model
+output, the sown intermediates, the classifier-free-guided output (`cfg_output`) and the short
+sampling loop (`loop_timestep_map`, `loop_samples`). NCHW exists only at this boundary.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from glide_jax.diffusion import guidance, sampling
+from glide_jax.diffusion.schedules import make_schedule
+from glide_jax.models.unet import Text2ImUNet, UNetConfig
+
+# meta.json settings.loop.sampler -> glide_jax.diffusion.sampling sampler name.
+_SAMPLERS = {"p_sample": "ddpm", "ddim": "ddim"}
+
+
+def _nhwc(a: np.ndarray) -> jax.Array:
+    return jnp.asarray(np.moveaxis(a, -3, -1))
+
+
+def _nchw(a) -> np.ndarray:
+    return np.moveaxis(np.asarray(a), -1, -3)
+
+
+def load_params(weights: pathlib.Path, model: nn.Module) -> dict:
+    """A PyTorch state-dict file as `model`'s float32 params tree."""
+    from glide_jax.convert import torch_to_flax
+    from glide_jax.pt_reader import load_state_dict
+
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), **model.init_inputs()))["params"]
+    return torch_to_flax(load_state_dict(weights), abstract)
+
+
+def intermediates(state) -> dict[str, np.ndarray]:
+    """Sown values keyed by their sow name."""
+    flat = traverse_util.flatten_dict(state["intermediates"])
+    return {path[-1]: np.asarray(v[0]) for path, v in flat.items()}
+
+
+def _model_kwargs(io: Mapping[str, np.ndarray], prefix: str, config: UNetConfig) -> dict:
+    kw = dict(tokens=jnp.asarray(io[prefix + "tokens"], jnp.int32),
+              mask=jnp.asarray(io[prefix + "mask"], bool))
+    if config.super_res:
+        kw["low_res"] = _nhwc(io[prefix + "low_res"])
+    if config.inpaint:
+        kw["inpaint_image"] = _nhwc(io[prefix + "inpaint_image"])
+        kw["inpaint_mask"] = _nhwc(io[prefix + "inpaint_mask"])
+    return kw
+
+
+def _loop(model: Text2ImUNet, params, config: UNetConfig, hparams, loop: Mapping[str, Any],
+          io: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """GLIDE notebook's sampling loop: (timestep_map [N], samples [N, n, 3, S, S])."""
+    sched = make_schedule(hparams["noise_schedule"], hparams["diffusion_steps"], loop["timestep_respacing"])
+    kw = _model_kwargs(io, "loop_", config)
+    noise = _nhwc(io["loop_noise"])
+    x_T, step_noise = noise[0], (noise[1:] if noise.shape[0] > 1 else None)
+    denoised_fn = None
+    if loop["inpaint_denoised_fn"]:
+        denoised_fn = guidance.inpaint_denoised_fn(kw["inpaint_image"], kw["inpaint_mask"])
+
+    @jax.jit
+    def run(params, x_T, step_noise):
+        def model_fn(x, t):
+            return model.apply({"params": params}, x, t, **kw)
+
+        if loop["guidance_scale"] is not None:
+            model_fn = guidance.classifier_free(model_fn, float(loop["guidance_scale"]))
+        return sampling.sample_loop(
+            model_fn, sched, x_T, sampler=_SAMPLERS[loop["sampler"]], eta=loop["eta"] or 0.0,
+            noise=step_noise, denoised_fn=denoised_fn, return_all=True,
+        )[1]
+
+    samples = run(params, x_T, step_noise)
+    return np.asarray(sched.timestep_map, np.int64), _nchw(samples)
+
+
+def compute(fixture_dir: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every output array of a UNet fixture (float32 NCHW images, NCL xf_out, int64 maps)."""
+    fixture_dir = pathlib.Path(fixture_dir)
+    hparams = json.loads((fixture_dir / "hparams.json").read_text())
+    meta = json.loads((fixture_dir / "meta.json").read_text())
+    wanted = {k: v["dtype"] for k, v in meta["arrays"].items() if v["role"] == "output"}
+    with np.load(fixture_dir / "io.npz") as f:
+        io = {k: f[k] for k in f.files}
+    config = UNetConfig.from_hparams(hparams)
+    model = Text2ImUNet(config)
+    params = load_params(fixture_dir / "model.pt", model)
+
+    @jax.jit
+    def forward(params, x, t, kw):
+        return model.apply({"params": params}, x, t, **kw, mutable=["intermediates"])
+
+    out: dict[str, Any] = {}
+    with jax.default_matmul_precision("highest"):
+        y, state = forward(params, _nhwc(io["x_t"]), jnp.asarray(io["timesteps"], jnp.int32),
+                           _model_kwargs(io, "", config))
+        inter = intermediates(state)
+        out["output"] = _nchw(y)
+        for name in ("model_input", "low_res_upsampled"):
+            if name in inter:
+                out[name] = _nchw(inter[name])
+        out["xf_out"] = np.swapaxes(inter["xf_out"], 1, 2)  # NLC -> NCL
+        for name, v in inter.items():
+            if name in ("t_sinusoid", "xf_proj", "emb") or name.startswith("trace."):
+                out[name] = v
+
+        if "cfg_output" in wanted:
+            kw = _model_kwargs(io, "cfg_", config)
+            fn = guidance.classifier_free(lambda x, t: forward(params, x, t, kw)[0],
+                                          float(meta["settings"]["cfg_guidance_scale"]))
+            out["cfg_output"] = _nchw(fn(_nhwc(io["cfg_x_t"]), jnp.asarray(io["cfg_timesteps"], jnp.int32)))
+
+        if "loop_samples" in wanted:
+            out["loop_timestep_map"], out["loop_samples"] = _loop(
+                model, params, config, hparams, meta["settings"]["loop"], io)
+    return {k: np.asarray(v).astype(wanted[k]) for k, v in out.items() if k in wanted}
