@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from glide_jax.diffusion import guidance, sampling
+from glide_jax.diffusion import guidance
 from glide_jax.diffusion.schedules import make_schedule
 from glide_jax.models.unet import Text2ImUNet, UNetConfig
 
@@ -60,28 +60,22 @@ def _model_kwargs(io: Mapping[str, np.ndarray], prefix: str, config: UNetConfig)
 
 def _loop(model: Text2ImUNet, params, config: UNetConfig, hparams, loop: Mapping[str, Any],
           io: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """GLIDE notebook's sampling loop: (timestep_map [N], samples [N, n, 3, S, S])."""
+    """GLIDE notebook's sampling loop through the public sampling API `glide_jax.sample.generate`.
+
+    Returns (timestep_map [N], samples [N, n, 3, S, S]) using the fixture's stored noise.
+    """
+    from glide_jax.sample import generate
+
     sched = make_schedule(hparams["noise_schedule"], hparams["diffusion_steps"], loop["timestep_respacing"])
-    kw = _model_kwargs(io, "loop_", config)
     noise = _nhwc(io["loop_noise"])
-    x_T, step_noise = noise[0], (noise[1:] if noise.shape[0] > 1 else None)
-    denoised_fn = None
-    if loop["inpaint_denoised_fn"]:
-        denoised_fn = guidance.inpaint_denoised_fn(kw["inpaint_image"], kw["inpaint_mask"])
-
-    @jax.jit
-    def run(params, x_T, step_noise):
-        def model_fn(x, t):
-            return model.apply({"params": params}, x, t, **kw)
-
-        if loop["guidance_scale"] is not None:
-            model_fn = guidance.classifier_free(model_fn, float(loop["guidance_scale"]))
-        return sampling.sample_loop(
-            model_fn, sched, x_T, sampler=_SAMPLERS[loop["sampler"]], eta=loop["eta"] or 0.0,
-            noise=step_noise, denoised_fn=denoised_fn, return_all=True,
-        )[1]
-
-    samples = run(params, x_T, step_noise)
+    guided = loop["guidance_scale"] is not None
+    _, samples = generate(
+        model, params, _model_kwargs(io, "loop_", config), sched=sched,
+        sampler=_SAMPLERS[loop["sampler"]], eta=loop["eta"] or 0.0,
+        guidance="cfg" if guided else "none", scale=float(loop["guidance_scale"] or 0.0),
+        x_T=noise[0], noise=noise[1:] if noise.shape[0] > 1 else None,
+        inpaint_known=bool(loop["inpaint_denoised_fn"]), return_all=True,
+    )
     return np.asarray(sched.timestep_map, np.int64), _nchw(samples)
 
 
