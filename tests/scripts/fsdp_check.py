@@ -1,0 +1,71 @@
+"""Runs one train step of configs/test_tiny.py on 1 device and on an 8-device FSDP mesh.
+
+Prints one JSON object: max relative param difference, losses, per-device byte fractions.
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set below before jax loads).
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from glide_jax import configs_loader, sharding  # noqa: E402
+from glide_jax.train import (abstract_state, build_model, build_schedule, make_jitted_step,  # noqa: E402
+                             state_shardings, unbox)
+from glide_jax.train_state import make_optimizer  # noqa: E402
+
+
+def main():
+    jax.config.update("jax_default_matmul_precision", "highest")
+    config = configs_loader.load("test_tiny")
+    model = build_model(config)
+    sched = build_schedule(config)
+    tx = make_optimizer(config.optim)
+    rng = jax.random.PRNGKey(0)
+    boxed, init_fn = abstract_state(model, tx, model.init_inputs(batch=1), rng)
+    state0 = jax.jit(lambda r: unbox(init_fn(r)))(rng)
+    state0 = jax.device_get(state0)
+
+    b, s, l = 16, config.model.hparams.image_size, config.model.hparams.text_ctx
+    r = np.random.default_rng(0)
+    batch = {
+        "image": r.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
+        "tokens": r.integers(0, 50000, (b, l)).astype(np.int32),
+        "mask": r.uniform(size=(b, l)) < 0.7,
+    }
+    results = {}
+    for name, devices in (("single", jax.devices()[:1]), ("fsdp8", jax.devices())):
+        mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+        shard = state_shardings(boxed, mesh)
+        state = jax.device_put(state0, shard)
+        gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        bshard = jax.tree.map(lambda x: x.sharding, gbatch)
+        step = make_jitted_step(config, model, sched, tx, shard, bshard, mesh, pad_id=50256)
+        new_state, metrics = step(state, gbatch, rng)
+        per_dev = sharding.bytes_per_device(new_state.params)
+        opt_dev = sharding.bytes_per_device(new_state.opt_state)
+        results[name] = dict(
+            loss=float(metrics["loss"]),
+            params=jax.device_get(new_state.params),
+            param_bytes=[int(v) for v in per_dev.values()],
+            opt_bytes=[int(v) for v in opt_dev.values()],
+        )
+    a, c = results["single"]["params"], results["fsdp8"]["params"]
+    rel = max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-12))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+    total = sum(results["single"]["param_bytes"])
+    total_opt = sum(results["single"]["opt_bytes"])
+    print(json.dumps(dict(
+        loss_single=results["single"]["loss"], loss_fsdp=results["fsdp8"]["loss"], max_rel_param_diff=rel,
+        param_fraction_per_device=[x / total for x in results["fsdp8"]["param_bytes"]],
+        opt_fraction_per_device=[x / total_opt for x in results["fsdp8"]["opt_bytes"]],
+        num_devices=len(results["fsdp8"]["param_bytes"]),
+    )))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
