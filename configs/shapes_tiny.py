@@ -3,7 +3,7 @@
     python -m glide_jax.train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
 
 Hardware: 2 CPU cores (no accelerator). Runtime and loss: see README "Demo" (measured).
-32x32 images, 64 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
+32x32 images, 32 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
 """
 from glide_jax.config import default_config
 
@@ -12,7 +12,7 @@ def get_config():
     c = default_config()
     h = c.model.hparams
     h.image_size = 32
-    h.num_channels = 64
+    h.num_channels = 32
     h.num_res_blocks = 1
     h.channel_mult = "1,2,2"
     h.num_head_channels = 32
@@ -26,10 +26,11 @@ def get_config():
     c.data.image_size = 32
     c.data.text_ctx = 16
     c.data.batch_size = 32
+    c.data.train_examples = 10000
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 1.0
-    c.train.num_steps = 1500
+    c.train.num_steps = 1200
     c.train.ema_rate = 0.995
     c.train.log_every = 25
     c.train.checkpoint_every = 250

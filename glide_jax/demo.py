@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--config", default=None, help="config file (default configs/shapes_tiny.py)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    from glide_jax.console import setup_logging
+
+    setup_logging()
 
     from glide_jax import configs_loader, images
     from glide_jax.sample import load_for_sampling, sample_images
