@@ -35,6 +35,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
-        "beam": ["apache-beam"],
+        "beam": ["apache-beam==2.77.0"],
     },
 )

@@ -74,25 +74,48 @@ def square_resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, np.uint8)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decodes an image file to RGB (EXIF orientation applied, alpha composited on white)."""
+def decode_rgb(src, draft_size: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """Decodes an image (a path or a binary file object) to RGB: EXIF orientation applied, alpha
+    composited on white. Returns (image, (width, height) as stored in the file).
+
+    draft_size > 0 lets the JPEG decoder shrink by 2/4/8 while both sides stay >= draft_size,
+    several times faster for large photos that are resized to draft_size anyway.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(src) as img:
+            size = img.size
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
             img.load()
             img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(canvas, img)
-    return img.convert("RGB")
+    return img.convert("RGB"), size
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decodes an image file to RGB (see `decode_rgb`)."""
+    return decode_rgb(path)[0]
+
+
+# What a corrupt, truncated or hostile image file raises while decoding.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+                 Image.DecompressionBombError)
+
+
+def normalize_caption(raw: bytes | str) -> str:
+    """Decodes (invalid UTF-8 -> U+FFFD), drops NULs, collapses whitespace runs and strips."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    return " ".join(text.replace("\x00", " ").split())
 
 
 def clean_caption(raw: bytes | str, max_bytes: int) -> tuple[str, bool]:
     """Decodes (invalid UTF-8 -> U+FFFD), collapses whitespace and truncates to `max_bytes`
     UTF-8 bytes. Returns (caption, whether it was truncated)."""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    text = " ".join(text.replace("\x00", " ").split())
+    text = normalize_caption(raw)
     data = text.encode("utf-8")
     if len(data) <= max_bytes:
         return text, False
@@ -112,6 +135,27 @@ def scan_folder(folder: str) -> tuple[list[str], list[str]]:
                 continue
             (images if ext in IMAGE_EXTENSIONS else others).append(rel)
     return images, others
+
+
+def read_captions_json(folder: str) -> dict:
+    """The folder's captions.json mapping ({} when absent)."""
+    path = os.path.join(folder, CAPTIONS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8", errors="replace"))
+
+
+def read_caption(folder: str, rel: str, captions: dict, max_read: int = 1 << 20
+                 ) -> bytes | str | None:
+    """The raw caption of image `rel`: its same-stem .txt file (at most `max_read` bytes), else
+    its entry (by relative path, then by file name) in `captions`; None when it has neither."""
+    txt = os.path.join(folder, os.path.splitext(rel)[0] + ".txt")
+    if os.path.exists(txt):
+        with open(txt, "rb") as f:
+            return f.read(max_read)
+    raw = captions.get(rel, captions.get(os.path.basename(rel)))
+    return None if raw is None else str(raw)
 
 
 class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
@@ -153,11 +197,7 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {cfg.folder!r}"
                 f" ({len(others)} other files)"
             )
-        captions = {}
-        captions_path = os.path.join(cfg.folder, CAPTIONS_FILE)
-        if os.path.exists(captions_path):
-            with open(captions_path, "rb") as f:
-                captions = json.loads(f.read().decode("utf-8", errors="replace"))
+        captions = read_captions_json(cfg.folder)
         self._counts = {"images": len(images), "non_image": len(others), "corrupt": 0,
                         "missing_caption": 0, "truncated_caption": 0}
         self._skipped = {"non_image": others, "corrupt": []}
@@ -170,16 +210,11 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
 
     def _caption(self, rel: str, captions: dict) -> str:
         cfg = self.builder_config
-        txt = os.path.join(cfg.folder, os.path.splitext(rel)[0] + ".txt")
-        if os.path.exists(txt):
-            with open(txt, "rb") as f:
-                raw = f.read(4 * cfg.max_caption_bytes + 64)  # a huge file is never read whole
-        else:
-            raw = captions.get(rel, captions.get(os.path.basename(rel)))
-            if raw is None:
-                self._counts["missing_caption"] += 1
-                return ""
-            raw = str(raw)
+        # A huge .txt file is never read whole.
+        raw = read_caption(cfg.folder, rel, captions, 4 * cfg.max_caption_bytes + 64)
+        if raw is None:
+            self._counts["missing_caption"] += 1
+            return ""
         text, truncated = clean_caption(raw, cfg.max_caption_bytes)
         self._counts["truncated_caption"] += truncated
         return text
@@ -189,8 +224,7 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
         for rel in paths:
             try:
                 img = load_rgb(os.path.join(cfg.folder, rel))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-                    Image.DecompressionBombError) as e:
+            except DECODE_ERRORS as e:
                 logging.warning("skipping unreadable image %s: %s", rel, e)
                 self._counts["corrupt"] += 1
                 self._skipped["corrupt"].append(rel)

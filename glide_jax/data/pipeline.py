@@ -21,8 +21,10 @@ A local batch holds (B = batch_size // process_count):
     inpaint_mask   float32 [B, S, S, 1] (1 = known)     when mask != "none"
     inpaint_image  float32 [B, S, S, 3] = image * inpaint_mask
 
-Config fields (`config.data`): name ("synthetic_shapes[/<config>]" | "folder:<path>" | a tfds
-name with `image_<S>` or `image` and `caption` features, prepared as array_record), data_dir
+Config fields (`config.data`): name ("synthetic_shapes[/<config>]" | "folder:<path>" |
+"prepared:<dataset dir>" (a tfds dataset version directory, e.g. one `glide_jax.data.prepare`
+printed) | a tfds name with `image_<S>` or `image` and `caption` features, prepared as
+array_record in data_dir, e.g. "webdataset_captions/<config>"), data_dir
 ("" = tfds' default), image_size, low_res_size (0 = none), text_ctx, batch_size (global), seed,
 num_workers (grain worker processes; 0 = in-process threads), random_flip (mirrors the image and
 swaps "left"/"right" in its caption, so shapes captions stay true), random_crop (a square of
@@ -51,6 +53,7 @@ from glide_jax.data import shapes
 MASKS = ("none", "rect", "brush", "mixed")
 CROP_MIN_SCALE = 0.8  # random_crop: square side drawn from [0.8, 1] x the source side
 FOLDER_PREFIX = "folder:"
+PREPARED_PREFIX = "prepared:"
 READ_THREADS = 4  # per process (the main one, or each grain worker)
 PREFETCH_BATCHES = 8
 
@@ -68,6 +71,8 @@ def get_builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     data_dir = _get(cfg, "data_dir", "") or None
     sizes = sorted({int(cfg["image_size"]), int(_get(cfg, "low_res_size", 0))} - {0})
     kwargs = dict(data_dir=data_dir, file_format="array_record")
+    if name.startswith(PREPARED_PREFIX):
+        return tfds.builder_from_directory(name[len(PREPARED_PREFIX):])
     if name.startswith(FOLDER_PREFIX):
         config = folder_lib.FolderConfig.for_folder(name[len(FOLDER_PREFIX):], sizes=sizes)
         return folder_lib.ImageCaptionFolder(config=config, **kwargs)
@@ -91,8 +96,9 @@ def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
         if not isinstance(builder, (shapes.SyntheticShapes, folder_lib.ImageCaptionFolder)):
             raise FileNotFoundError(
-                f"tfds dataset {cfg['name']!r} is not prepared in {builder.data_dir}; run "
-                "`tfds build --file_format=array_record` for it first")
+                f"tfds dataset {cfg['name']!r} is not prepared in {builder.data_dir}; prepare "
+                "it first (`python -m glide_jax.data.prepare`, or `tfds build "
+                "--file_format=array_record` for a tfds catalog dataset)")
         t0 = time.perf_counter()
         builder.download_and_prepare(file_format="array_record")
         logging.info("prepared %s in %.1fs", builder.data_dir, time.perf_counter() - t0)
