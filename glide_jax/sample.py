@@ -2,6 +2,8 @@
 
     python -m glide_jax.sample --checkpoint DIR --prompt "a red circle" [--prompt ...] \
         --guidance cfg --scale 3 --steps 50 --sampler ddim --seed 0 --out grid.png
+    python -m glide_jax.sample --checkpoint INPAINT_DIR --prompt "a dog" --inpaint photo.png \
+        --mask mask.png      # an inpainting model; mask: white = keep, black = fill in
 
 `DIR` is a training workdir (EMA params of its newest checkpoint) or a converted release
 (`python -m glide_jax.convert`). Text is encoded once before the loop; the whole sampler
@@ -194,6 +196,50 @@ def sample_images(
     return np.asarray(out)[: len(prompts)]
 
 
+def clip_guided_images(base, clip, prompts: Sequence[str], *, scale: float = 3.0, respacing: str = "100",
+                       seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+    """GLIDE's CLIP guidance: ancestral sampling of the (unguided) conditional base model with the
+    mean shifted by variance · scale · ∇ₓ logit_scale·⟨CLIP image_emb(x_t, t), text_emb⟩.
+
+    Args:
+      base, clip: bundles (model, params, tokenizer, cfg) from `load_for_sampling`.
+    Returns:
+      [n, S, S, 3] in [-1, 1].
+    """
+    if not prompts:
+        raise SampleError("no prompts given")
+    model, params, tok, cfg = base
+    clip_model, clip_params, clip_tok, _ = clip
+    if cfg.hparams["kind"] not in UNET_KINDS or clip_model.__class__.__name__ != "ClipModel":
+        raise SampleError("clip_guided_images needs a UNet checkpoint and a noised-CLIP checkpoint")
+    clip_tokens, clip_lens = clip_tok.encode_batch(list(prompts))
+    text_emb = clip_model.apply({"params": clip_params}, jnp.asarray(clip_tokens), jnp.asarray(clip_lens),
+                                method="text_embeddings")
+    return np.asarray(generate(
+        model, params, text_inputs(tok, prompts, model.config.text_ctx, cfg=False),
+        sched=schedule_for(cfg.hparams, respacing), sampler="ddpm", guidance="clip", scale=scale,
+        temperature=temperature, rng=jax.random.PRNGKey(seed), guide_model=clip_model, guide_params=clip_params,
+        guide_inputs={"text_emb": text_emb},
+    ))
+
+
+def cascade(base, up, prompts: Sequence[str], *, guidance_scale: float = 3.0, base_respacing: str = "100",
+            base_sampler: str = "ddpm", up_respacing: str = "fast27", up_temperature: float = 0.997,
+            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Base (CFG) -> 8-bit quantised low-res -> upsampler, as GLIDE's notebook. Returns (low, high)."""
+    model, params, tok, cfg = base
+    up_model, up_params, up_tok, up_cfg = up
+    if not up_model.config.super_res:
+        raise SampleError(f"{up_cfg.hparams['kind']} is not an upsampler checkpoint")
+    low = sample_images(model, params, tok, prompts, hparams=cfg.hparams, guidance_scale=guidance_scale,
+                        respacing=base_respacing, sampler=base_sampler, seed=seed)
+    low_q = np.round((low + 1) * 127.5).clip(0, 255) / 127.5 - 1  # the reference quantises to 8 bit
+    high = sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
+                         respacing=up_respacing, sampler="ddpm", seed=seed + 1, temperature=up_temperature,
+                         low_res=low_q.astype(np.float32))
+    return low, high
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
@@ -210,7 +256,12 @@ def load_for_sampling(path: str):
         from glide_jax.convert import load_converted
 
         hparams, params = load_converted(path)
-        tok = GlideBPE(text_ctx=int(hparams.get("text_ctx", 128)))
+        if hparams.get("kind") == "clip":
+            from glide_jax.tokenizer import ClipBPE
+
+            tok = ClipBPE(max_len=int(hparams.get("max_text_len", 77)))
+        else:
+            tok = GlideBPE(text_ctx=int(hparams.get("text_ctx", 128)))
         model = models.from_hparams(hparams)
         return model, params, tok, _Cfg(hparams)
     cfg_json = checkpoint.read_config(path)
@@ -230,14 +281,73 @@ def load_for_sampling(path: str):
         raise SampleError(f"{path} has no checkpoint yet")
     tx = make_optimizer(config.optim)
     boxed, _ = abstract_state(model, tx, model.init_inputs(batch=1), jax.random.PRNGKey(0))
-    restored = checkpoint.restore_latest(manager, unbox(boxed))
-    step, state, _, _ = restored
+    try:
+        step, state, _, _ = checkpoint.restore_latest(manager, unbox(boxed))
+    except checkpoint.UnreadableCheckpointsError as e:
+        raise SampleError(str(e)) from None
     if config.tokenizer.name == "sentencepiece":
         tok = SentencePieceTokenizer(config.tokenizer.model_file, text_ctx=config.data.text_ctx)
     else:
         tok = GlideBPE(text_ctx=config.data.text_ctx)
     log.info("loaded EMA params of step %d from %s", step, path)
     return model, state.ema_params, tok, _Cfg(hparams)
+
+
+def read_hparams(path: str) -> dict:
+    """The model hyper-parameters of a workdir or converted checkpoint, without loading weights."""
+    from glide_jax import checkpoint
+
+    p = pathlib.Path(path)
+    if not p.exists() and "://" not in path:
+        raise SampleError(f"checkpoint {path} does not exist")
+    if (p / "params").exists() and (p / "config.json").exists() and not (p / "checkpoints").exists():
+        try:
+            return dict(json.loads((p / "config.json").read_text()))
+        except (ValueError, OSError) as e:
+            raise SampleError(f"{p / 'config.json'}: unreadable ({e})") from None
+    try:
+        cfg_json = checkpoint.read_config(path)
+    except (ValueError, OSError) as e:
+        raise SampleError(f"{path}/config.json: unreadable ({e})") from None
+    if cfg_json is None:
+        raise SampleError(f"{path} is neither a training workdir (config.json + checkpoints/) nor a converted "
+                          "checkpoint (config.json + params/)")
+    return dict(cfg_json["model"]["hparams"])
+
+
+def load_inpaint_inputs(image_path: str, mask_path: str, hparams: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(image [1, S, S, 3] in [-1, 1], mask [1, S, S, 1] in {0, 1}, 1 = keep) for an inpainting model.
+
+    Raises SampleError when the model is not an inpainting one, a file is not an image, its size
+    is not the model's S x S, or the mask is not black and white.
+    """
+    from glide_jax import images
+
+    kind = hparams.get("kind", "base")
+    if not (hparams.get("inpaint") or kind.endswith("inpaint")):
+        raise SampleError(f"--inpaint needs an inpainting model; this checkpoint is a {kind!r} model")
+    if hparams.get("super_res") or kind.startswith("upsample"):
+        raise SampleError(f"the command line samples base models only; this checkpoint is a {kind!r} model")
+    size = int(hparams["image_size"])
+    try:
+        image = images.load_image(image_path, size)
+        mask = images.load_image(mask_path, size)
+    except ValueError as e:
+        raise SampleError(f"{e} (the model's image size)" if "expected" in str(e) else str(e)) from None
+    if not ((mask[..., 0] == mask[..., 1]) & (mask[..., 1] == mask[..., 2])).all():
+        raise SampleError(f"{mask_path}: the mask has colours; expected a black-and-white image (white = keep)")
+    keep = (mask[None, ..., :1] >= 128).astype(np.float32)
+    return images.from_uint8(image)[None], keep
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 @dataclasses.dataclass
@@ -260,23 +370,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint dir")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
     parser.add_argument("--guidance", choices=GUIDANCE, default="cfg")
-    parser.add_argument("--scale", type=float, default=3.0, help="guidance scale")
+    parser.add_argument("--scale", type=_finite_float, default=3.0, help="guidance scale")
     parser.add_argument("--steps", default="50", help="sampling steps (or a respacing string, e.g. fast27)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--individual", action="store_true", help="also write each image as OUT_<i>.png")
+    parser.add_argument("--inpaint", metavar="IMAGE", help="inpainting models: the image to fill in (S x S)")
+    parser.add_argument("--mask", metavar="MASK", help="with --inpaint: S x S mask image, white = keep")
     args = parser.parse_args(argv)
+    if (args.inpaint is None) != (args.mask is None):
+        parser.error("--inpaint and --mask go together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     try:
         if not args.prompt:
             raise SampleError("no --prompt given")
+        # everything checkable without the weights is checked before loading them
+        hparams = read_hparams(args.checkpoint)
+        respacing = respacing_for(args.sampler, args.steps)
+        try:
+            schedule_for(hparams, respacing)
+        except ValueError as e:
+            raise SampleError(f"--steps {args.steps}: {e}") from None
+        inpaint = {}
+        if args.inpaint is not None:
+            image, mask = load_inpaint_inputs(args.inpaint, args.mask, hparams)
+            n = len(args.prompt)
+            inpaint = dict(inpaint_image=np.repeat(image, n, 0), inpaint_mask=np.repeat(mask, n, 0))
         model, params, tok, cfg = load_for_sampling(args.checkpoint)
         t0 = time.perf_counter()
         x = sample_images(
             model, params, tok, args.prompt, hparams=cfg.hparams,
             guidance_scale=args.scale if args.guidance == "cfg" else 0.0,
-            respacing=respacing_for(args.sampler, args.steps), sampler=args.sampler, seed=args.seed,
+            respacing=respacing, sampler=args.sampler, seed=args.seed, **inpaint,
         )
     except (SampleError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ Data flow: config -> mesh -> data iterator (global arrays, batch-sharded) -> mod
 abstractly -> shardings from logical rules -> jitted init with out_shardings -> restore or
 init from the workdir -> loop of the pure `train_step` -> metrics / async checkpoints / EMA
 sample grids. SIGTERM (TPU preemption) writes a checkpoint of the current step and exits 0.
+What each fault (kill -9, SIGTERM, NaN, corrupt checkpoint, bad input) does: docs/faults.md.
 """
 from __future__ import annotations
 
@@ -165,6 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
     from glide_jax.metrics import MetricWriter
 
     is_main = jax.process_index() == 0
+    preempt = Preemption()
+    preempt.install()  # before the slow set-up, so an early SIGTERM still ends in a checkpoint
     mesh = sharding.make_mesh(config.mesh.to_dict())
     dp = sharding.data_parallel_size(mesh)
     if config.data.batch_size % dp:
@@ -193,23 +196,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox(boxed), shardings_state
     )
 
+    if force_new:
+        moved = checkpoint.set_aside(workdir)
+        if moved is not None and is_main:
+            log.warning("--force_new: moved the existing checkpoints to %s (not deleted)", moved)
     manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                       async_save=config.train.async_checkpoint)
     fingerprint = config_fingerprint(config)
-    restored = None if force_new else checkpoint.restore_latest(manager, abstract)
+    try:
+        restored = checkpoint.restore_latest(manager, abstract, fingerprint=fingerprint, set_aside_unreadable=True)
+    except checkpoint.CheckpointMismatchError as e:
+        raise TrainingError(f"{e}; nothing was changed. Use a new --workdir, or pass --force_new to start "
+                            "over there (the old checkpoints are moved aside, not deleted)") from None
+    except checkpoint.UnreadableCheckpointsError as e:
+        raise TrainingError(f"{e}\nnothing was changed; pass --force_new to start over (the unreadable "
+                            "checkpoints are moved aside, not deleted)") from None
     if restored is not None:
         start_step, state, data_state, meta = restored
-        if meta.get("fingerprint") and meta["fingerprint"] != fingerprint:
-            raise TrainingError(
-                f"{workdir} holds a checkpoint of another model ({meta['fingerprint'].get('kind')}, "
-                "different hyper-parameters); use a new --workdir or pass --force-new to start over there"
-            )
         data.set_state(data_state)
         if is_main:
             log.info("resumed from step %d", start_step)
     else:
-        if force_new and manager.all_steps() and is_main:
-            log.warning("--force-new: ignoring the existing checkpoints in %s", workdir)
         t0 = time.perf_counter()
         state = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shardings_state)(rng)
         if config.init_from:
@@ -222,13 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     batch_shardings = None  # filled from the first batch's structure
     writer = MetricWriter(workdir, enabled=is_main)
-    preempt = Preemption()
-    preempt.install()
+    _log_skipped_files(config, writer, start_step)
 
     def global_batch():
         local = next(data)
         return pipeline.make_global_batch(local, mesh)
 
+    data_position = data.get_state()  # batches consumed by the steps applied so far (saved with them)
     batch = global_batch()
     batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
     step_fn = make_jitted_step(config, model, sched, tx, shardings_state, batch_shardings, mesh, pad_id_of(tok))
@@ -245,7 +252,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
 
     def save(step_now: int, *, force: bool = False) -> None:
         nonlocal last_good
-        checkpoint.save(manager, step_now, state, data.get_state(), {"fingerprint": fingerprint, "step": step_now},
+        if last_good == step_now:
+            return
+        checkpoint.save(manager, step_now, state, data_position, {"fingerprint": fingerprint, "step": step_now},
                         force=force)
         last_good = step_now
 
@@ -260,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
             state, metrics = compiled(state, batch, rng)
             step += 1
             window_n += 1
+            data_position = data.get_state()  # before the next batch is read ahead
             batch = global_batch() if step < num_steps else None
             if step % config.train.log_every == 0 or step == num_steps:
                 metrics = jax.device_get(metrics)
@@ -267,9 +277,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
                 if bad:
                     log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step, bad)
                 if bad >= config.train.max_bad_steps:
+                    kept = (f"The last good checkpoint is step {last_good} in {workdir}/checkpoints (kept)"
+                            if last_good is not None else "No checkpoint was written")
                     raise TrainingError(
-                        f"stopping at step {step}: {bad} consecutive non-finite steps. The last good checkpoint "
-                        f"is step {last_good} in {workdir}/checkpoints (kept); lower optim.lr or check the data"
+                        f"stopping at step {step}: {bad} consecutive non-finite steps (loss or gradients are "
+                        f"NaN/Inf; train.max_bad_steps={config.train.max_bad_steps}). {kept}; lower optim.lr "
+                        "or check the data"
                     )
                 elapsed = time.perf_counter() - window_t
                 img_s = window_n * config.data.batch_size / max(elapsed, 1e-9)
@@ -284,7 +297,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
                 window_t, window_n = time.perf_counter(), 0
             bar.update(1)
             if step % config.train.checkpoint_every == 0 or step == num_steps:
-                save(step)
+                bad = int(jax.device_get(state.bad_steps))
+                if bad:  # keep the checkpoints from before the non-finite run (max_to_keep would rotate them)
+                    log.warning("step %d: not checkpointing during %d consecutive non-finite steps", step, bad)
+                else:
+                    save(step)
             if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps) \
                     and config.model.hparams.kind in UNET_KINDS:
                 _sample_grid(config, model, state, tok, writer, workdir, step)
@@ -299,6 +316,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
         manager.wait_until_finished()
         writer.close()
     return state
+
+
+def _log_skipped_files(config, writer, step: int) -> None:
+    """Logs (and records as metrics) the files a folder dataset skipped when it was prepared."""
+    from glide_jax.data import folder, pipeline
+
+    if not str(config.data.name).startswith(pipeline.FOLDER_PREFIX):
+        return
+    counts = folder.skipped_counts(pipeline.get_builder(config.data))
+    if not counts:
+        return
+    if jax.process_index() == 0:
+        log.info("data %s: %d examples; skipped %d unreadable and %d non-image files; %d missing and %d "
+                 "truncated captions (see skipped.json in the prepared dataset)", config.data.name,
+                 counts.get("written", 0), counts.get("corrupt", 0), counts.get("non_image", 0),
+                 counts.get("missing_caption", 0), counts.get("truncated_caption", 0))
+    writer.scalars(step, {f"data/{k}": float(v) for k, v in counts.items() if isinstance(v, (int, float))})
 
 
 def _load_init(config, state, shardings_state):
@@ -361,19 +395,39 @@ def main(argv=None) -> int:
     def run(_):
         FLAGS = flags.FLAGS
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-        if FLAGS.config is None or FLAGS.workdir is None:
+        try:  # a config file that failed to load raises on first use
+            config = FLAGS.config
+            if config is not None:
+                config.keys()
+        except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+            detail = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+            print(f"error: bad --config: {detail}", file=sys.stderr)
+            return 2
+        if config is None or FLAGS.workdir is None:
             print("usage: python -m glide_jax.train --config configs/X.py --workdir DIR", file=sys.stderr)
             return 2
         _maybe_init_distributed()
         try:
-            train_and_evaluate(FLAGS.config, FLAGS.workdir, force_new=FLAGS.force_new)
+            train_and_evaluate(config, FLAGS.workdir, force_new=FLAGS.force_new)
         except (TrainingError, sharding.MeshError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
 
+    def parse_flags(args):
+        # config overrides are applied while flags are parsed; a misspelt key raises AttributeError
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            detail = str(e)
+        except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+            detail = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+        print(f"error: bad flags: {detail}\nusage: python -m glide_jax.train --config configs/X.py --workdir DIR "
+              "[--config.section.field=value ...]", file=sys.stderr)
+        sys.exit(2)
+
     try:
-        return app.run(run, argv=argv) or 0
+        return app.run(run, argv=argv, flags_parser=parse_flags) or 0
     except SystemExit as e:
         return int(e.code or 0)
 
