@@ -381,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.inpaint is None) != (args.mask is None):
         parser.error("--inpaint and --mask go together")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    from glide_jax.console import setup_logging
+
+    setup_logging()
     try:
         if not args.prompt:
             raise SampleError("no --prompt given")

@@ -126,9 +126,25 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 @dataclasses.dataclass
 class Preemption:
-    """Set by SIGTERM; the loop checkpoints and exits at the next step boundary."""
+    """Set by SIGTERM; the loop checkpoints and exits at the next step boundary.
+
+    With several processes every one must stop at the same step (the checkpoint is a collective),
+    so the flag is OR-reduced across processes every `check_every` steps; a preempted TPU VM
+    gets SIGTERM on all workers at about the same time, well inside the grace period.
+    """
 
     requested: bool = False
+    check_every: int = 10
+
+    def agreed(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.check_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(int(self.requested), np.int32))
+        return bool(np.max(flags))
 
     def install(self) -> None:
         def handler(signum, frame):
@@ -305,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
             if config.train.sample_every and (step % config.train.sample_every == 0 or step == num_steps) \
                     and config.model.hparams.kind in UNET_KINDS:
                 _sample_grid(config, model, state, tok, writer, workdir, step)
-            if preempt.requested:
+            if preempt.agreed(step):
                 save(step, force=True)
                 manager.wait_until_finished()
                 if is_main:
@@ -380,7 +396,9 @@ def _maybe_init_distributed() -> None:
             addr, num_processes=int(os.environ["GLIDE_JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["GLIDE_JAX_PROCESS_ID"]),
         )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    elif (os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+          or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")):
+        # A TPU VM: jax finds its peers from the VM metadata (one process on a single-host slice).
         jax.distributed.initialize()
 
 
@@ -394,7 +412,9 @@ def main(argv=None) -> int:
 
     def run(_):
         FLAGS = flags.FLAGS
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+        from glide_jax.console import setup_logging
+
+        setup_logging()
         try:  # a config file that failed to load raises on first use
             config = FLAGS.config
             if config is not None:
