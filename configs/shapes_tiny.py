@@ -14,7 +14,7 @@ def get_config():
     h.image_size = 32
     h.num_channels = 32
     h.num_res_blocks = 1
-    h.channel_mult = "1,2,2"
+    h.channel_mult = "1,1,2"
     h.num_head_channels = 32
     h.attention_resolutions = "8"
     h.dropout = 0.0
@@ -30,7 +30,7 @@ def get_config():
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 1.0
-    c.train.num_steps = 1200
+    c.train.num_steps = 1000
     c.train.ema_rate = 0.995
     c.train.log_every = 25
     c.train.checkpoint_every = 250

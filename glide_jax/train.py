@@ -310,8 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
                 scalars.update(images_per_s=img_s, step_time_s=elapsed / window_n)
                 writer.scalars(step, scalars)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{img_s:.1f}", lr=f"{scalars['lr']:.2e}")
+                bar.update(window_n)  # at synchronised points only, so the rate and ETA are real
                 window_t, window_n = time.perf_counter(), 0
-            bar.update(1)
             if step % config.train.checkpoint_every == 0 or step == num_steps:
                 bad = int(jax.device_get(state.bad_steps))
                 if bad:  # keep the checkpoints from before the non-finite run (max_to_keep would rotate them)
