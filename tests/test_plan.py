@@ -1,0 +1,64 @@
+"""The planner: an ahead-of-time compile on 8 fake CPU devices (a subprocess, so XLA_FLAGS applies)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from glide_jax import plan
+
+TINY_CONFIG = '''
+from glide_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.hparams.update(dict(
+        image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,1", attention_resolutions="8",
+        num_head_channels=32, dropout=0.0, text_ctx=4, xf_width=32, xf_layers=1, xf_heads=2))
+    c.data.image_size = 16
+    c.data.text_ctx = 4
+    c.data.batch_size = 8
+    return c
+'''
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "tiny_config.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def _plan(*args):
+    return subprocess.run([sys.executable, "-m", "glide_jax.plan", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_plan_fsdp8(config_file):
+    p = _plan("--config", config_file, "--mesh", "data=1,fsdp=8", "--hbm-gib", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    b = r["bytes"]
+    assert r["devices"] == 8 and r["per_device_batch"] == 1 and r["hbm_gib"] == 1 and r["fits"]
+    assert b["params"] == pytest.approx(b["params_unsharded"] / 8, rel=0.15)
+    assert b["ema"] == b["params"] and b["opt_state"] >= 2 * b["params"]
+    assert b["temp"] > 0 and b["total"] >= b["state"]
+    assert b["residuals"] > 0 and b["estimate"] == b["state"] + b["params"] + b["residuals"] + b["other_arguments"]
+
+
+@pytest.mark.parametrize("mesh, extra, message", [
+    ("data=2,fsdp=2", ["--devices", "8"], "needs 4 devices"),
+    ("data=1,pipe=8", [], "not AXIS=SIZE"),
+    ("fsdp=3", [], "not divisible"),
+])
+def test_bad_mesh_exit_2(config_file, mesh, extra, message):
+    p = _plan("--config", config_file, "--mesh", mesh, *extra)
+    assert p.returncode == 2
+    assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_parse_mesh():
+    assert plan.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(plan.PlanError):
+        plan.parse_mesh("fsdp=0")
