@@ -8,35 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-# GLIDE's Text2ImUNet keyword arguments, released defaults (glide_text2im.model_creation).
-GLIDE_BASE_HPARAMS = dict(
-    kind="base",
-    image_size=64,
-    num_channels=192,
-    num_res_blocks=3,
-    channel_mult="",
-    num_heads=1,
-    num_head_channels=64,
-    num_heads_upsample=-1,
-    attention_resolutions="32,16,8",
-    dropout=0.1,
-    text_ctx=128,
-    xf_width=512,
-    xf_layers=16,
-    xf_heads=8,
-    xf_final_ln=True,
-    xf_padding=True,
-    diffusion_steps=1000,
-    noise_schedule="squaredcos_cap_v2",
-    timestep_respacing="",
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    use_fp16=False,
-    cache_text_emb=False,
-    inpaint=False,
-    super_res=False,
-)
-
+from glide_jax.models import hparams_with_defaults
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -44,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a converted/exported params dir to fine-tune from
 
     c.model = ml_collections.ConfigDict()
-    c.model.hparams = ml_collections.ConfigDict(dict(GLIDE_BASE_HPARAMS))
+    c.model.hparams = ml_collections.ConfigDict(hparams_with_defaults("base"))  # the released base
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
 

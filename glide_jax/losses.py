@@ -53,14 +53,17 @@ def diffusion_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict
     return loss, metrics
 
 
+def noised_images(sched, x0: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_t = q_sample(x0, t, ε), t) with t uniform over the schedule; x0 [B,H,W,C], t [B]."""
+    t_rng, n_rng = jax.random.split(rng)
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, sched.betas.shape[0])
+    return gaussian.q_sample(sched, x0, t, jax.random.normal(n_rng, x0.shape, jnp.float32)), t
+
+
 def classifier_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict]:
     """Noisy-classifier cross-entropy on q_sample(x0, t), t uniform (ADM classifier training)."""
-    x0 = batch["image"]
-    b = x0.shape[0]
-    t_rng, n_rng = jax.random.split(rng)
+    x_t, t = noised_images(sched, batch["image"], rng)
     num_t = sched.betas.shape[0]
-    t = jax.random.randint(t_rng, (b,), 0, num_t)
-    x_t = gaussian.q_sample(sched, x0, t, jax.random.normal(n_rng, x0.shape, jnp.float32))
     logits = model.apply({"params": params}, x_t, sched.timestep_map[t]).astype(jnp.float32)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     loss = jnp.mean(per_example)
@@ -74,12 +77,7 @@ def clip_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict]:
     """Noised-CLIP symmetric contrastive loss between noisy images and their captions."""
     from glide_jax.models.clip import clip_contrastive_loss
 
-    x0 = batch["image"]
-    b = x0.shape[0]
-    t_rng, n_rng = jax.random.split(rng)
-    num_t = sched.betas.shape[0]
-    t = jax.random.randint(t_rng, (b,), 0, num_t)
-    x_t = gaussian.q_sample(sched, x0, t, jax.random.normal(n_rng, x0.shape, jnp.float32))
+    x_t, t = noised_images(sched, batch["image"], rng)
     lens = jnp.sum(batch["mask"].astype(jnp.int32), axis=-1)
     variables = {"params": params}
     image_emb = model.apply(variables, x_t, sched.timestep_map[t], method="image_embeddings")

@@ -407,11 +407,11 @@ def test_sample_cli_bad_arguments(baseline, tmp_path):
 def _fake_inpaint_checkpoint(path, size=16):
     """A converted-checkpoint directory (config.json + params/) of an inpainting model; the CLI
     checks the inputs against config.json before it reads any weight."""
-    from glide_jax.config import GLIDE_BASE_HPARAMS
+    from glide_jax.models import hparams_with_defaults
 
     path.mkdir()
     (path / "params").mkdir()
-    hparams = dict(GLIDE_BASE_HPARAMS, kind="base-inpaint", inpaint=True, image_size=size)
+    hparams = dict(hparams_with_defaults("base"), kind="base-inpaint", inpaint=True, image_size=size)
     (path / "config.json").write_text(json.dumps(hparams))
     return path
 

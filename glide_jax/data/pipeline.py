@@ -157,6 +157,16 @@ def swap_left_right(text: str) -> str:
     return _LEFT_RIGHT.sub(swap, text)
 
 
+def class_label(record: Mapping[str, Any]) -> int | None:
+    """The class for classifier training: a stored `label`, or for synthetic shapes
+    colour x shape of the first object (`shapes.NUM_OBJECTS` = 18 classes)."""
+    if "label" in record:
+        return int(np.asarray(record["label"]))
+    if "colors" in record and "shapes" in record:
+        return int(np.asarray(record["colors"])[0]) * len(shapes.SHAPES) + int(np.asarray(record["shapes"])[0])
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     """One record -> one example (see the module docstring); picklable for grain workers."""
@@ -194,6 +204,9 @@ class Preprocess:
             cap = swap_left_right(cap)
         x = img.astype(np.float32) / 127.5 - 1.0
         out = {"image": x, "caption": cap}
+        label = class_label(record)
+        if label is not None:
+            out["label"] = np.int32(label)
         if self.low_res_size:
             low = area_resize(img, self.low_res_size) / 127.5 - 1.0
             if self.noise_aug_std > 0:
