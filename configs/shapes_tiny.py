@@ -30,7 +30,7 @@ def get_config():
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 1.0
-    c.train.num_steps = 1000
+    c.train.num_steps = 900
     c.train.ema_rate = 0.995
     c.train.log_every = 25
     c.train.checkpoint_every = 250

@@ -38,8 +38,9 @@ UNREADABLE_DIR = "checkpoints_unreadable"
 
 
 def workdir_path(workdir: str) -> epath.Path:
-    """Local or gs:// path (etils handles both)."""
-    return epath.Path(workdir)
+    """Local (made absolute: orbax requires it) or gs:// path (etils handles both)."""
+    path = epath.Path(workdir)
+    return path if "://" in str(workdir) else path.absolute()
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -178,22 +179,6 @@ def set_aside(workdir: str) -> epath.Path | None:
 
         multihost_utils.sync_global_devices("glide_jax_set_aside_checkpoints")
     return dest
-
-
-def save_params(path: str | pathlib.Path, params: Any) -> None:
-    """Saves a plain params pytree (used by the converter and for exports)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(epath.Path(path).absolute() if "://" not in str(path) else epath.Path(path), params)
-    checkpointer.wait_until_finished()
-
-
-def load_params(path: str | pathlib.Path, abstract: Any | None = None) -> Any:
-    checkpointer = ocp.StandardCheckpointer()
-    p = epath.Path(path)
-    p = p.absolute() if "://" not in str(path) else p
-    if abstract is None:
-        return checkpointer.restore(p)
-    return checkpointer.restore(p, abstract)
 
 
 def write_config(workdir: str, config_json: dict) -> None:
