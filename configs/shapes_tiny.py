@@ -3,7 +3,7 @@
     python -m glide_jax.train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
 
 Hardware: 2 CPU cores (no accelerator). Runtime and loss: see README "Demo" (measured).
-32x32 images, 32 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
+16x16 images (area-downsampled from the 32 px renders), 32 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
 """
 from glide_jax.config import default_config
 
@@ -11,10 +11,10 @@ from glide_jax.config import default_config
 def get_config():
     c = default_config()
     h = c.model.hparams
-    h.image_size = 32
+    h.image_size = 16
     h.num_channels = 32
     h.num_res_blocks = 1
-    h.channel_mult = "1,1,2"
+    h.channel_mult = "1,2"
     h.num_head_channels = 32
     h.attention_resolutions = "8"
     h.dropout = 0.0
@@ -23,20 +23,20 @@ def get_config():
     h.xf_layers = 2
     h.xf_heads = 4
     c.data.name = "synthetic_shapes"
-    c.data.image_size = 32
+    c.data.image_size = 16
     c.data.text_ctx = 16
     c.data.batch_size = 32
     c.data.train_examples = 10000
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 1.0
-    c.train.num_steps = 900
+    c.train.num_steps = 2000
     c.train.ema_rate = 0.995
     c.train.log_every = 25
-    c.train.checkpoint_every = 250
+    c.train.checkpoint_every = 500
     c.train.sample_every = 0
     c.sample.prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    c.sample.respacing = "25"
-    c.sample.sampler = "ddim"
+    c.sample.respacing = "50"
+    c.sample.sampler = "ddpm"
     c.sample.guidance_scale = 3.0
     return c

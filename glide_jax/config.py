@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.prompts = ["a red circle", "a blue square"]
     c.sample.guidance_scale = 3.0
     c.sample.respacing = "50"
-    c.sample.sampler = "ddim"
+    c.sample.sampler = "ddpm"
     return c
 
 

@@ -53,7 +53,9 @@ def main(argv=None) -> int:
                           respacing=config.sample.respacing, sampler=config.sample.sampler, seed=0)
         rows.append(images.to_uint8(np.asarray(x)))
         labels.append("no guidance" if scale == 0 else f"CFG {scale:g}")
-    grid = images.grid(np.concatenate(rows), prompts * 2, cols=len(prompts), scale=3, row_labels=labels)
+    size = rows[0].shape[1]
+    grid = images.grid(np.concatenate(rows), prompts * 2, cols=len(prompts), scale=max(1, 96 // size),
+                       row_labels=labels)
     out = images.save_png(workdir / "demo_grid.png", grid)
     print(f"[demo] sample grid (top: no guidance, bottom: CFG {config.sample.guidance_scale:g}): {out.resolve()}")
     return 0

@@ -96,7 +96,7 @@ def fid(checkpoint: str, *, captions_file: str, reference: str, inception: str, 
     """COCO-style zero-shot FID/KID: N captions -> N CFG samples -> Inception features vs reference."""
     from glide_jax import fid as fid_lib
     from glide_jax import images
-    from glide_jax.sample import load_for_sampling, sample_images
+    from glide_jax.sample import load_for_sampling, sample_images, upsample_images
 
     captions = [l.strip() for l in pathlib.Path(captions_file).read_text().splitlines() if l.strip()]
     if not captions:
@@ -112,11 +112,7 @@ def fid(checkpoint: str, *, captions_file: str, reference: str, inception: str, 
             x = sample_images(model, params, tok, captions[i:i + batch], hparams=cfg.hparams,
                               guidance_scale=scale, respacing=respacing, sampler=sampler, seed=seed + i)
             if up is not None:
-                um, up_params, utok, ucfg = up
-                low = images.from_uint8(images.to_uint8(x))  # 8-bit quantised as the reference does
-                x = sample_images(um, up_params, utok, captions[i:i + batch], hparams=ucfg.hparams,
-                                  respacing="fast27", sampler="ddpm", temperature=0.997, seed=seed + i,
-                                  low_res=low)
+                x = upsample_images(up, captions[i:i + batch], x, seed=seed + i)
             yield images.to_uint8(x)
 
     t0 = time.perf_counter()
@@ -145,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--n", type=int, default=96)
     a.add_argument("--scales", default="0,3")
-    a.add_argument("--steps", default="25")
-    a.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm++"))
+    a.add_argument("--steps", default="50")
+    a.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm++"))
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--grid", default=None, help="write a PNG of the first 8 captions per scale")
     a.add_argument("--json", action="store_true")

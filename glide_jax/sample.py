@@ -13,6 +13,7 @@ scales reuse the compiled program.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -43,13 +44,43 @@ class SampleError(ValueError):
 # ---------------------------------------------------------------------------- core
 
 
+class _StepProgress:
+    """A tqdm bar advanced from inside the jitted scan (a host callback per denoising step).
+
+    The compiled sampler only knows whether progress is on; which bar it advances is chosen at
+    call time (`with _PROGRESS.bar(total): ...`), so showing progress never forces a retrace.
+    """
+
+    def __init__(self):
+        self._bar = None
+
+    def tick(self, _):
+        if self._bar is not None:
+            self._bar.update(1)
+
+    @contextlib.contextmanager
+    def bar(self, total: int, desc: str = "sampling"):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        try:
+            yield self._bar
+        finally:
+            self._bar.close()
+            self._bar = None
+
+
+_PROGRESS = _StepProgress()
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "sampler", "eta", "guidance", "clip_denoised", "inpaint_known", "return_all",
-                     "guide_model"),
+                     "guide_model", "progress"),
 )
 def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide_inputs, *,
-              model, sampler, eta, guidance, clip_denoised, inpaint_known, return_all, guide_model):
+              model, sampler, eta, guidance, clip_denoised, inpaint_known, return_all, guide_model,
+              progress=False):
     text = None
     model_inputs = dict(inputs)
     tokens = model_inputs.pop("tokens", None)
@@ -59,6 +90,8 @@ def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide
         text = model.apply({"params": params}, tokens, mask, method="encode_text")
 
     def model_fn(x, t):
+        if progress:
+            jax.debug.callback(_PROGRESS.tick, t[0])
         return model.apply({"params": params}, x, t, text=text, **model_inputs)
 
     if guidance == "cfg":
@@ -86,6 +119,15 @@ def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide
     )
 
 
+def _on_all_devices(mesh, tree):
+    """Leaves not already spread over the mesh's devices are replicated onto all of them."""
+    devices = set(mesh.devices.flat)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda a: a if isinstance(a, jax.Array) and a.sharding.device_set == devices
+        else jax.device_put(a, replicated), tree)
+
+
 def generate(
     model,
     params,
@@ -106,6 +148,7 @@ def generate(
     guide_params=None,
     guide_inputs: Mapping[str, Any] | None = None,
     return_all: bool = False,
+    progress: bool = False,
 ):
     """Runs the reverse process of `model` (a Text2ImUNet) on B rows.
 
@@ -124,6 +167,7 @@ def generate(
       noise: optional explicit per-step noise [N, B, S, S, 3].
       temperature: multiplies a drawn x_T (GLIDE's upsampler uses 0.997).
       inpaint_known: force the known region (inpaint_mask = 1) back into every x̂₀.
+      progress: show a progress bar over the denoising steps (stderr).
     Returns:
       samples [B, S, S, 3] (and all steps [N, B, S, S, 3] with return_all).
     """
@@ -139,12 +183,30 @@ def generate(
     if x_T is None:
         x_T = temperature * jax.random.normal(x_rng, (batch, size, size, 3), jnp.float32)
     inputs = {k: jnp.asarray(v) for k, v in inputs.items()}
-    return _generate(
-        params, inputs, jnp.asarray(x_T, jnp.float32), None if noise is None else jnp.asarray(noise, jnp.float32),
-        loop_rng, jnp.asarray(scale, jnp.float32), sched, guide_params, dict(guide_inputs or {}),
+    x_T = jnp.asarray(x_T, jnp.float32)
+    if noise is not None:
+        noise = jnp.asarray(noise, jnp.float32)
+    if jax.device_count() > 1 and batch % jax.device_count() == 0:
+        # data-parallel sampling: rows over every device, weights replicated (jit propagates it)
+        from glide_jax import sharding
+
+        mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        params, guide_params = _on_all_devices(mesh, (params, guide_params))
+        inputs = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in inputs.items()}
+        x_T = jax.device_put(x_T, sharding.batch_sharding(mesh, x_T.ndim))
+        if noise is not None:
+            noise = jax.device_put(noise, jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(None, (sharding.DATA, sharding.FSDP))))
+    run = functools.partial(
+        _generate,
+        params, inputs, x_T, noise, loop_rng, jnp.asarray(scale, jnp.float32), sched, guide_params, dict(guide_inputs or {}),
         model=model, sampler=sampler, eta=float(eta), guidance=guidance, clip_denoised=clip_denoised,
-        inpaint_known=inpaint_known, return_all=return_all, guide_model=guide_model,
+        inpaint_known=inpaint_known, return_all=return_all, guide_model=guide_model, progress=progress,
     )
+    if not progress:
+        return run()
+    with _PROGRESS.bar(sched.num_timesteps):
+        return jax.block_until_ready(run())
 
 
 # ---------------------------------------------------------------------------- convenience
@@ -173,9 +235,10 @@ def text_inputs(tok, prompts: Sequence[str], text_ctx: int, *, cfg: bool) -> dic
 
 def sample_images(
     model, params, tok, prompts: Sequence[str], *, config=None, hparams: Mapping | None = None,
-    guidance_scale: float = 0.0, respacing: str = "50", sampler: str = "ddim", seed: int = 0,
+    guidance_scale: float = 0.0, respacing: str = "50", sampler: str = "ddpm", seed: int = 0,
     eta: float = 0.0, temperature: float = 1.0, low_res: np.ndarray | None = None,
     inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Samples one image per prompt; CFG when guidance_scale > 0. Returns [n, S, S, 3] in [-1, 1]."""
     if not prompts:
@@ -191,15 +254,31 @@ def sample_images(
     out = generate(
         model, params, inputs, sched=schedule_for(hparams, respacing), sampler=sampler,
         guidance="cfg" if cfg else "none", scale=guidance_scale, eta=eta, temperature=temperature,
-        rng=jax.random.PRNGKey(seed), inpaint_known=inpaint_image is not None,
+        rng=jax.random.PRNGKey(seed), inpaint_known=inpaint_image is not None, progress=progress,
     )
     return np.asarray(out)[: len(prompts)]
 
 
+def _gradient_guided(base, guide, prompts, *, guidance, guide_inputs, scale, respacing, seed, temperature,
+                     progress):
+    """Ancestral sampling of the conditional base model with the mean shifted by
+    variance · scale · ∇ₓ score(x_t, t) of a guide network (GLIDE's CLIP / ADM classifier guidance)."""
+    model, params, tok, cfg = base
+    guide_model, guide_params, _, guide_cfg = guide
+    if guide_cfg.hparams.get("image_size") != cfg.hparams.get("image_size"):
+        raise SampleError(f"the {guidance} model sees {guide_cfg.hparams.get('image_size')} px images, the base "
+                          f"model makes {cfg.hparams.get('image_size')} px")
+    return np.asarray(generate(
+        model, params, text_inputs(tok, prompts, model.config.text_ctx, cfg=False),
+        sched=schedule_for(cfg.hparams, respacing), sampler="ddpm", guidance=guidance, scale=scale,
+        temperature=temperature, rng=jax.random.PRNGKey(seed), guide_model=guide_model, guide_params=guide_params,
+        guide_inputs=guide_inputs, progress=progress,
+    ))
+
+
 def clip_guided_images(base, clip, prompts: Sequence[str], *, scale: float = 3.0, respacing: str = "100",
-                       seed: int = 0, temperature: float = 1.0) -> np.ndarray:
-    """GLIDE's CLIP guidance: ancestral sampling of the (unguided) conditional base model with the
-    mean shifted by variance · scale · ∇ₓ logit_scale·⟨CLIP image_emb(x_t, t), text_emb⟩.
+                       seed: int = 0, temperature: float = 1.0, progress: bool = False) -> np.ndarray:
+    """GLIDE's CLIP guidance with the noised CLIP: score = logit_scale·⟨image_emb(x_t, t), text_emb⟩.
 
     Args:
       base, clip: bundles (model, params, tokenizer, cfg) from `load_for_sampling`.
@@ -208,35 +287,58 @@ def clip_guided_images(base, clip, prompts: Sequence[str], *, scale: float = 3.0
     """
     if not prompts:
         raise SampleError("no prompts given")
-    model, params, tok, cfg = base
-    clip_model, clip_params, clip_tok, _ = clip
-    if cfg.hparams["kind"] not in UNET_KINDS or clip_model.__class__.__name__ != "ClipModel":
-        raise SampleError("clip_guided_images needs a UNet checkpoint and a noised-CLIP checkpoint")
+    clip_model, clip_params, clip_tok, clip_cfg = clip
+    if base[3].hparams["kind"] not in UNET_KINDS or clip_cfg.hparams.get("kind") != "clip":
+        raise SampleError("CLIP guidance needs a UNet checkpoint and a noised-CLIP checkpoint (--clip)")
     clip_tokens, clip_lens = clip_tok.encode_batch(list(prompts))
     text_emb = clip_model.apply({"params": clip_params}, jnp.asarray(clip_tokens), jnp.asarray(clip_lens),
                                 method="text_embeddings")
-    return np.asarray(generate(
-        model, params, text_inputs(tok, prompts, model.config.text_ctx, cfg=False),
-        sched=schedule_for(cfg.hparams, respacing), sampler="ddpm", guidance="clip", scale=scale,
-        temperature=temperature, rng=jax.random.PRNGKey(seed), guide_model=clip_model, guide_params=clip_params,
-        guide_inputs={"text_emb": text_emb},
-    ))
+    return _gradient_guided(base, clip, prompts, guidance="clip", guide_inputs={"text_emb": text_emb},
+                            scale=scale, respacing=respacing, seed=seed, temperature=temperature,
+                            progress=progress)
+
+
+def classifier_guided_images(base, classifier, prompts: Sequence[str], labels: Sequence[int], *,
+                             scale: float = 1.0, respacing: str = "100", seed: int = 0, temperature: float = 1.0,
+                             progress: bool = False) -> np.ndarray:
+    """ADM classifier guidance: score = log p(y | x_t, t) of the noisy classifier, one label per prompt."""
+    if not prompts:
+        raise SampleError("no prompts given")
+    if classifier[3].hparams.get("kind") != "classifier":
+        raise SampleError("classifier guidance needs a noisy-classifier checkpoint (--classifier)")
+    n_classes = int(classifier[3].hparams.get("out_channels", 0))
+    labels = list(labels) if len(labels) != 1 else list(labels) * len(prompts)
+    if len(labels) != len(prompts) or any(not 0 <= y < n_classes for y in labels):
+        raise SampleError(f"give one --label in [0, {n_classes}) (or one per prompt)")
+    return _gradient_guided(base, classifier, prompts, guidance="classifier",
+                            guide_inputs={"y": jnp.asarray(labels, jnp.int32)}, scale=scale,
+                            respacing=respacing, seed=seed, temperature=temperature, progress=progress)
+
+
+def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: str = "fast27",
+                    temperature: float = 0.997, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """GLIDE's upsampling stage: low [n, s, s, 3] in [-1, 1], quantised to 8 bit as the reference
+    does, -> [n, S, S, 3] from the super-resolution model (ancestral, fast27, temperature 0.997)."""
+    from glide_jax import images
+
+    up_model, up_params, up_tok, up_cfg = up
+    if not getattr(up_model.config, "super_res", False):
+        raise SampleError(f"{up_cfg.hparams.get('kind')} is not an upsampler checkpoint")
+    low_q = images.from_uint8(images.to_uint8(low))
+    return sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
+                         respacing=respacing, sampler="ddpm", seed=seed, temperature=temperature, low_res=low_q,
+                         progress=progress)
 
 
 def cascade(base, up, prompts: Sequence[str], *, guidance_scale: float = 3.0, base_respacing: str = "100",
             base_sampler: str = "ddpm", up_respacing: str = "fast27", up_temperature: float = 0.997,
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Base (CFG) -> 8-bit quantised low-res -> upsampler, as GLIDE's notebook. Returns (low, high)."""
     model, params, tok, cfg = base
-    up_model, up_params, up_tok, up_cfg = up
-    if not up_model.config.super_res:
-        raise SampleError(f"{up_cfg.hparams['kind']} is not an upsampler checkpoint")
     low = sample_images(model, params, tok, prompts, hparams=cfg.hparams, guidance_scale=guidance_scale,
-                        respacing=base_respacing, sampler=base_sampler, seed=seed)
-    low_q = np.round((low + 1) * 127.5).clip(0, 255) / 127.5 - 1  # the reference quantises to 8 bit
-    high = sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
-                         respacing=up_respacing, sampler="ddpm", seed=seed + 1, temperature=up_temperature,
-                         low_res=low_q.astype(np.float32))
+                        respacing=base_respacing, sampler=base_sampler, seed=seed, progress=progress)
+    high = upsample_images(up, prompts, low, respacing=up_respacing, temperature=up_temperature, seed=seed + 1,
+                           progress=progress)
     return low, high
 
 
@@ -372,15 +474,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", choices=GUIDANCE, default="cfg")
     parser.add_argument("--scale", type=_finite_float, default=3.0, help="guidance scale")
     parser.add_argument("--steps", default="50", help="sampling steps (or a respacing string, e.g. fast27)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddim")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddpm", help="ddpm (ancestral, GLIDE default), ddim (eta 0), dpm++ (2M)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--individual", action="store_true", help="also write each image as OUT_<i>.png")
     parser.add_argument("--inpaint", metavar="IMAGE", help="inpainting models: the image to fill in (S x S)")
     parser.add_argument("--mask", metavar="MASK", help="with --inpaint: S x S mask image, white = keep")
+    parser.add_argument("--clip", metavar="DIR", help="noised-CLIP checkpoint for --guidance clip")
+    parser.add_argument("--classifier", metavar="DIR", help="noisy-classifier checkpoint for --guidance classifier")
+    parser.add_argument("--label", type=int, action="append", default=[], help="class for --guidance classifier")
+    parser.add_argument("--upsample", metavar="DIR", help="upsampler checkpoint: base -> upsampler cascade "
+                        "(fast27, temperature 0.997)")
     args = parser.parse_args(argv)
     if (args.inpaint is None) != (args.mask is None):
         parser.error("--inpaint and --mask go together")
+    if args.guidance == "clip" and not args.clip:
+        parser.error("--guidance clip needs --clip DIR (a noised-CLIP checkpoint)")
+    if args.guidance == "classifier" and (not args.classifier or not args.label):
+        parser.error("--guidance classifier needs --classifier DIR and --label Y")
     from glide_jax.console import setup_logging
 
     setup_logging()
@@ -399,13 +510,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             image, mask = load_inpaint_inputs(args.inpaint, args.mask, hparams)
             n = len(args.prompt)
             inpaint = dict(inpaint_image=np.repeat(image, n, 0), inpaint_mask=np.repeat(mask, n, 0))
-        model, params, tok, cfg = load_for_sampling(args.checkpoint)
+        base = load_for_sampling(args.checkpoint)
+        model, params, tok, cfg = base
         t0 = time.perf_counter()
-        x = sample_images(
-            model, params, tok, args.prompt, hparams=cfg.hparams,
-            guidance_scale=args.scale if args.guidance == "cfg" else 0.0,
-            respacing=respacing, sampler=args.sampler, seed=args.seed, **inpaint,
-        )
+        if args.guidance == "clip":
+            x = clip_guided_images(base, load_for_sampling(args.clip), args.prompt, scale=args.scale,
+                                   respacing=respacing, seed=args.seed, progress=True)
+        elif args.guidance == "classifier":
+            x = classifier_guided_images(base, load_for_sampling(args.classifier), args.prompt, args.label,
+                                         scale=args.scale, respacing=respacing, seed=args.seed, progress=True)
+        else:
+            x = sample_images(
+                model, params, tok, args.prompt, hparams=cfg.hparams,
+                guidance_scale=args.scale if args.guidance == "cfg" else 0.0,
+                respacing=respacing, sampler=args.sampler, seed=args.seed, progress=True, **inpaint,
+            )
+        if args.upsample:
+            x = upsample_images(load_for_sampling(args.upsample), args.prompt, x, seed=args.seed + 1, progress=True)
     except (SampleError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -373,3 +373,23 @@ def test_forward_shapes_and_features_wrapper(flax_params):
     assert extract(small[:0]).shape == (0, 2048)
     with pytest.raises(ValueError, match="at least 75"):
         inception.InceptionV3(resize_to=None).apply({"params": flax_params}, small[:, :64, :64])
+
+
+def test_evaluate_fid_end_to_end_on_a_tiny_checkpoint(flax_params, tmp_path):
+    """captions -> CFG samples -> Inception features -> FID/KID against a folder of reference images."""
+    from helpers import random_checkpoint
+    from PIL import Image
+
+    from glide_jax import evaluate
+
+    random_checkpoint("base", tmp_path / "base")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle\na blue square\n\na green triangle\n")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    out = evaluate.fid(str(tmp_path / "base"), captions_file=str(captions), reference=str(ref), inception=None,
+                       n=4, scale=1.5, respacing="3", sampler="ddim", batch=4, inception_params=flax_params)
+    assert out["n"] == 4 and np.isfinite(out["fid"]) and out["fid"] >= 0 and np.isfinite(out["kid"])

@@ -89,3 +89,48 @@ def test_sample_cli_writes_grid_from_converted_checkpoint(tiny, tmp_path):
 
     assert Image.open(out).size[0] > 32
     assert (tmp_path / "grid_0.png").exists() and (tmp_path / "grid_1.png").exists()
+
+
+@pytest.mark.slow
+def test_cli_clip_guidance_with_upsampler_and_classifier_guidance(tmp_path):
+    from helpers import random_checkpoint
+
+    from glide_jax.sample import classifier_guided_images, load_for_sampling
+
+    for kind in ("base", "clip", "upsample", "classifier"):
+        random_checkpoint(kind, tmp_path / kind)
+    out = tmp_path / "clip.png"
+    r = subprocess.run([sys.executable, "-m", "glide_jax.sample", "--checkpoint", str(tmp_path / "base"),
+                        "--prompt", "a red circle", "--guidance", "clip", "--clip", str(tmp_path / "clip"),
+                        "--scale", "2", "--steps", "3", "--upsample", str(tmp_path / "upsample"),
+                        "--out", str(out), "--individual"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "clip_0.png").size == (32, 32)  # upsampled 16 -> 32
+    assert "sampling" in r.stderr  # the progress bar
+    base, cls = load_for_sampling(str(tmp_path / "base")), load_for_sampling(str(tmp_path / "classifier"))
+    a = classifier_guided_images(base, cls, ["a red circle"], [3], scale=0.0, respacing="3", seed=0)
+    b = classifier_guided_images(base, cls, ["a red circle"], [3], scale=50.0, respacing="3", seed=0)
+    assert a.shape == (1, 16, 16, 3) and np.isfinite(b).all()
+    assert np.max(np.abs(a - b)) > 1e-4  # the classifier gradient moves the samples
+
+
+def test_cli_guidance_needs_its_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "glide_jax.sample", "--checkpoint", str(tmp_path), "--prompt", "x",
+                        "--guidance", "clip"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "--clip" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_sampling_is_data_parallel_over_devices_and_matches_one_device(tmp_path):
+    """8 fake devices: CFG rows are sharded over all devices; the samples equal the 1-device ones."""
+    script = os.path.join(ROOT, "tests", "scripts", "sample_sharded.py")
+    outs = []
+    for n in (1, 8):
+        out = tmp_path / f"x{n}.npy"
+        r = subprocess.run([sys.executable, script, str(n), str(out)], capture_output=True, text=True, cwd=ROOT,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(np.load(out))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
