@@ -2,8 +2,10 @@
 
     python -m glide_jax.train --config configs/shapes_tiny.py --workdir runs/shapes_tiny
 
-Hardware: 2 CPU cores (no accelerator). Runtime and loss: see README "Demo" (measured).
-16x16 images (area-downsampled from the 32 px renders), 32 channels, text transformer 128 wide x 2 layers over 16 GLIDE-BPE tokens.
+Hardware: 2 CPU cores (no accelerator). Measured there: 2000 steps in 743 s (0.33 s/step at
+batch 32), final loss ~0.03 (hybrid loss; ~0.9 at step 25). 7.7M parameters: 16x16 images
+(area-downsampled from the 32 px renders), 32 channels, text transformer 128 wide x 2 layers
+over 16 GLIDE-BPE tokens.
 """
 from glide_jax.config import default_config
 
