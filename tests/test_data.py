@@ -241,7 +241,7 @@ def test_make_global_batch(data_dir):
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
     local = next(pipeline.make_dataset(data_config(data_dir), "train", tokenizer=StubTokenizer()))
     batch = pipeline.make_global_batch(local, mesh)
-    assert set(batch) == {"image", "tokens", "mask"}  # strings stay on the host
+    assert set(batch) == {"image", "tokens", "mask", "label"}  # strings stay on the host
     assert batch["image"].shape == (8, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), local["tokens"])
 
@@ -328,3 +328,13 @@ def test_empty_folder_is_an_error(tmp_path):
     cfg = data_config(tmp_path / "tfds", name=f"folder:{tmp_path / 'empty'}")
     with pytest.raises(folder_lib.NoImagesError, match="no image files"):
         pipeline.make_dataset(cfg, "train")
+
+
+def test_class_label_for_classifier_training():
+    """Synthetic shapes carry colour x shape of the first object as the classifier label."""
+    from glide_jax.data.pipeline import class_label
+
+    assert class_label({"label": np.int64(7)}) == 7
+    record = {"colors": np.array([4, 1]), "shapes": np.array([2, 0])}
+    assert class_label(record) == 4 * len(shapes.SHAPES) + 2
+    assert class_label({"caption": b"x"}) is None
