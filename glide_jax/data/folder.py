@@ -158,6 +158,21 @@ def read_caption(folder: str, rel: str, captions: dict, max_read: int = 1 << 20
     return None if raw is None else str(raw)
 
 
+def caption_dataset_info(builder, sizes, id_field: str, description: str) -> tfds.core.DatasetInfo:
+    """DatasetInfo of the image-caption builders: uint8 `image_<S>` per size (stored as raw
+    bytes: no TensorFlow needed to write them), `caption` and a text id field."""
+    features = {
+        f"image_{s}": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes") for s in sizes
+    }
+    features.update({"caption": tfds.features.Text(), id_field: tfds.features.Text()})
+    return tfds.core.DatasetInfo(
+        builder=builder,
+        description=description,
+        features=tfds.features.FeaturesDict(features),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+
 class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
     """Images + captions from a local folder (see the module docstring)."""
 
@@ -174,17 +189,7 @@ class ImageCaptionFolder(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         if cfg is None or not cfg.folder:
             raise ValueError("ImageCaptionFolder needs config=FolderConfig.for_folder(path)")
-        features = {
-            f"image_{s}": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes")
-            for s in cfg.sizes
-        }
-        features.update(caption=tfds.features.Text(), filename=tfds.features.Text())
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"Captioned images from {cfg.folder}",
-            features=tfds.features.FeaturesDict(features),
-            metadata=tfds.core.MetadataDict(),
-        )
+        return caption_dataset_info(self, cfg.sizes, "filename", f"Captioned images from {cfg.folder}")
 
     def _split_generators(self, dl_manager):
         del dl_manager

@@ -290,17 +290,7 @@ class BeamImageText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         if cfg is None or not cfg.input:
             raise ValueError(f"{type(self).__name__} needs config=PrepareConfig.for_input(...)")
-        features = {
-            f"image_{s}": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding="bytes")
-            for s in cfg.sizes
-        }
-        features.update(caption=tfds.features.Text(), key=tfds.features.Text())
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"Captioned images prepared from {cfg.input}",
-            features=tfds.features.FeaturesDict(features),
-            metadata=tfds.core.MetadataDict(),
-        )
+        return folder_lib.caption_dataset_info(self, cfg.sizes, "key", f"Captioned images prepared from {cfg.input}")
 
     def _split_generators(self, dl_manager):
         del dl_manager
