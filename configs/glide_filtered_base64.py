@@ -1,7 +1,7 @@
 """GLIDE (filtered) base model, the released architecture: 64x64, 192 channels, text 512 x 16.
 
     python -m glide_jax.train --config configs/glide_filtered_base64.py --workdir gs://BUCKET/runs/base64 \
-        --config.data.name=folder:/path/to/prepared  # or fine-tune: --config.init_from=converted/base
+        --config.data.name=prepared:/path/to/tfds/<name>/<config>/<version>  # or fine-tune: --config.init_from=converted/base
 
 Hardware: a TPU v4-8 or larger (FSDP over all chips). 385,030,726 parameters.
 Runtime/loss: not measured here (no TPU on the development machine); GLIDE trained its 3.5B

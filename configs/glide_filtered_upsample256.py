@@ -1,7 +1,7 @@
 """GLIDE (filtered) 64->256 upsampler, the released architecture (398,361,286 parameters).
 
     python -m glide_jax.train --config configs/glide_filtered_upsample256.py --workdir gs://BUCKET/runs/up256 \
-        --config.data.name=folder:/path/to/prepared
+        --config.data.name=prepared:/path/to/tfds/<name>/<config>/<version>
 
 Hardware: TPU v4-8 or larger. Noise schedule linear; low-res input made by area downsampling
 of the 256 px image (optionally noise-augmented). Runtime/loss: not measured here.
