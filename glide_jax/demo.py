@@ -8,8 +8,6 @@ training already finished).
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import pathlib
 import sys
 import time

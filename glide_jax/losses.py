@@ -7,7 +7,7 @@ are already caption-dropped by the train step.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -12,12 +12,10 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -279,7 +277,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
     bar = tqdm(total=num_steps, initial=start_step, disable=not is_main, unit="step", dynamic_ncols=True,
                file=sys.stdout)
     window_t, window_n = time.perf_counter(), 0
-    pending = None
     try:
         while step < num_steps:
             state, metrics = compiled(state, batch, rng)

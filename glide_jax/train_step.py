@@ -6,7 +6,6 @@ model kind; only the loss function differs (`glide_jax.losses`).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

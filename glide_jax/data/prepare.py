@@ -42,7 +42,6 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
