@@ -235,6 +235,8 @@ def detect(image: np.ndarray, min_area_frac: float = 0.008) -> list[Detection]:
         ref = PALETTE[color] - bg
         alpha = np.clip((img - bg) @ ref / (ref @ ref), 0.0, 1.0) * region
         area = alpha.sum()
+        if area <= 1e-6:  # far from the background but not towards the nearest palette colour
+            continue
         width, height = alpha.max(0).sum(), alpha.max(1).sum()
         fill = area / max(width * height, 1e-6)
         shape = 2 if fill < 0.65 else (0 if fill < 0.9 else 1)
