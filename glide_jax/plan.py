@@ -229,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chip", default=DEFAULT_CHIP, help="v4, v5e, v5p, v6e, a100, h100, h200 (for the HBM)")
     parser.add_argument("--batch", type=int, default=0, help="global batch (default: config.data.batch_size)")
     parser.add_argument("--micro-batches", type=int, default=0, help="default: config.train.micro_batches")
+    parser.add_argument("--remat", choices=("config", "on", "off"), default="config",
+                        help="rematerialise each block in the backward pass (default: the config's model.remat)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -258,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             raise PlanError(f"--chip {args.chip!r}: expected one of {sorted(bench.CHIPS)} or give --hbm-gib")
         config = configs_loader.load(args.config, lock=False)
+        if args.remat != "config":
+            config.model.remat = args.remat == "on"
         result = plan(config, sizes, hbm_gib=hbm, batch=args.batch or None,
                       micro_batches=args.micro_batches or None)
     except (PlanError, MeshError, FileNotFoundError) as e:

@@ -45,6 +45,14 @@ def test_plan_fsdp8(config_file):
     assert b["ema"] == b["params"] and b["opt_state"] >= 2 * b["params"]
     assert b["temp"] > 0 and b["total"] >= b["state"]
     assert b["residuals"] > 0 and b["estimate"] == b["state"] + b["params"] + b["residuals"] + b["other_arguments"]
+    assert r["remat"] is False
+
+    # --remat on: same state, fewer activations saved for the backward pass
+    p = _plan("--config", config_file, "--mesh", "data=1,fsdp=8", "--hbm-gib", "1", "--remat", "on", "--json")
+    assert p.returncode == 0, p.stderr
+    rr = json.loads(p.stdout)
+    assert rr["remat"] is True and rr["bytes"]["state"] == b["state"]
+    assert rr["bytes"]["residuals"] < b["residuals"]
 
 
 @pytest.mark.parametrize("mesh, extra, message", [
