@@ -23,7 +23,7 @@ shellcheck:
 	  else echo "shellcheck: not installed and no root apt-get; its test will be skipped"; fi; }
 
 demo: $(STAMP)
-	$(PY) -m glide_jax.demo --workdir runs/demo
+	$(PY) -m glide_jax.demo --workdir runs/demo --steps 2000
 
 test: $(STAMP) shellcheck
 	$(PY) -m pytest -q tests

@@ -2,8 +2,10 @@
 
     python -m glide_jax.demo --workdir runs/demo [--steps N]
 
-Resumable: re-running continues from the workdir's last checkpoint (or only samples when
-training already finished).
+`make demo` passes --steps 2000, the first half of shapes_tiny's 4000 steps, to fit a
+15-minute budget on 2 CPU cores. Resumable: re-running continues from the workdir's last
+checkpoint (or only samples when training already finished); the printed `glide_jax.train`
+command continues the same run to the config's full length.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ def main(argv=None) -> int:
                        row_labels=labels)
     out = images.save_png(workdir / "demo_grid.png", grid)
     print(f"[demo] sample grid (top: no guidance, bottom: CFG {config.sample.guidance_scale:g}): {out.resolve()}")
+    full = configs_loader.load(args.config or "shapes_tiny").train.num_steps
+    if config.train.num_steps < full:
+        print(f"[demo] trained {config.train.num_steps} of the config's {full} steps; to continue this run: "
+              f"python -m glide_jax.train --config {args.config or 'configs/shapes_tiny.py'} --workdir {workdir}")
     return 0
 
 
