@@ -2,7 +2,7 @@
 
     python -m glide_jax.demo --workdir runs/demo [--steps N]
 
-`make demo` passes --steps 2000, the first half of shapes_tiny's 4000 steps, to fit a
+`make demo` passes --steps 2000, the first third of shapes_tiny's 6000 steps, to fit a
 15-minute budget on 2 CPU cores. Resumable: re-running continues from the workdir's last
 checkpoint (or only samples when training already finished); the printed `glide_jax.train`
 command continues the same run to the config's full length.
