@@ -351,9 +351,17 @@ def test_resume_watches_then_exits_when_run_ends(fake):
 def test_shellcheck():
     if not shutil.which("shellcheck"):
         pytest.skip("shellcheck not installed: apt-get install shellcheck")
-    scripts = sorted(str(p.relative_to(ROOT)) for p in LAUNCH.glob("*.sh"))
+    scripts = sorted(str(p.relative_to(ROOT)) for p in [*LAUNCH.glob("*.sh"), *(ROOT / "benchmarks").glob("*.sh")])
+    assert "benchmarks/compare.sh" in scripts
     p = subprocess.run(["shellcheck", *scripts], cwd=ROOT, text=True, capture_output=True)
     assert p.returncode == 0 and not p.stdout.strip(), p.stdout + p.stderr
+
+
+def test_compare_script_needs_the_reference_environment():
+    """benchmarks/compare.sh (glide_jax vs PyTorch GLIDE) says what it needs before timing anything."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_PYTHON", "GLIDE_REF")}
+    p = subprocess.run(["bash", "benchmarks/compare.sh"], cwd=ROOT, text=True, capture_output=True, env=env)
+    assert p.returncode != 0 and "TORCH_PYTHON" in p.stderr
 
 
 def test_docs_match_scripts():
