@@ -30,7 +30,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch as th
 
 from glide_text2im.model_creation import create_model_and_diffusion, model_and_diffusion_defaults

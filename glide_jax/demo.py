@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     from glide_jax.train import TrainingError, train_and_evaluate
 
     config = configs_loader.load(args.config or "shapes_tiny")
+    full_steps = config.train.num_steps
     if args.steps is not None:
         config.train.num_steps = args.steps
     workdir = pathlib.Path(args.workdir)
@@ -58,9 +59,8 @@ def main(argv=None) -> int:
                        row_labels=labels)
     out = images.save_png(workdir / "demo_grid.png", grid)
     print(f"[demo] sample grid (top: no guidance, bottom: CFG {config.sample.guidance_scale:g}): {out.resolve()}")
-    full = configs_loader.load(args.config or "shapes_tiny").train.num_steps
-    if config.train.num_steps < full:
-        print(f"[demo] trained {config.train.num_steps} of the config's {full} steps; to continue this run: "
+    if config.train.num_steps < full_steps:
+        print(f"[demo] trained {config.train.num_steps} of the config's {full_steps} steps; to continue this run: "
               f"python -m glide_jax.train --config {args.config or 'configs/shapes_tiny.py'} --workdir {workdir}")
     return 0
 

@@ -65,7 +65,7 @@ def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: st
               seed: int = 0, batch: int = 32, grid_path: str | None = None) -> dict:
     """Samples `n` held-out captions at each guidance scale and scores them."""
     from glide_jax import images
-    from glide_jax.sample import load_for_sampling, sample_images
+    from glide_jax.sample import load_for_sampling
 
     model, params, tok, cfg = load_for_sampling(checkpoint)
     captions = heldout_captions(n, seed=seed)
@@ -73,12 +73,8 @@ def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: st
     rows = []
     for scale in scales:
         t0 = time.perf_counter()
-        chunks = []
-        for i in range(0, n, batch):
-            x = sample_images(model, params, tok, captions[i:i + batch], hparams=cfg.hparams,
-                              guidance_scale=scale, respacing=respacing, sampler=sampler, seed=seed + i)
-            chunks.append(images.to_uint8(x))
-        pics = np.concatenate(chunks)
+        pics = _sample_uint8(model, params, tok, cfg, captions, scale=scale, respacing=respacing,
+                             sampler=sampler, seed=seed, batch=batch)
         scores = adherence_scores(captions, pics)
         single, pair = _split_kinds(captions)
         scores["colour_single"] = adherence_scores([captions[i] for i in single], pics[single])["colour"]
@@ -138,6 +134,19 @@ def fid(checkpoint: str, *, captions_file: str, reference: str, inception: str, 
     return out
 
 
+def _sample_uint8(model, params, tok, cfg, captions: Sequence[str], *, scale: float, respacing: str,
+                  sampler: str, seed: int, batch: int) -> np.ndarray:
+    """uint8 [len(captions), S, S, 3] samples, `batch` captions per call (seed + offset per call)."""
+    from glide_jax import images
+    from glide_jax.sample import sample_images
+
+    return np.concatenate([
+        images.to_uint8(sample_images(model, params, tok, captions[i:i + batch], hparams=cfg.hparams,
+                                      guidance_scale=scale, respacing=respacing, sampler=sampler,
+                                      seed=seed + i))
+        for i in range(0, len(captions), batch)])
+
+
 def _split_kinds(captions: Sequence[str]) -> tuple[list[int], list[int]]:
     single = [i for i, c in enumerate(captions)
               if not any(r in c for r in (" of ", " above ", " below "))]
@@ -163,8 +172,7 @@ def steps_sweep(checkpoint: str, *, n: int, scale: float, settings: Sequence[tup
     """Adherence and sampling wall time of each (sampler, steps) at guidance `scale`."""
     import jax
 
-    from glide_jax import images
-    from glide_jax.sample import load_for_sampling, respacing_for, sample_images
+    from glide_jax.sample import load_for_sampling, respacing_for
 
     model, params, tok, cfg = load_for_sampling(checkpoint)
     captions = heldout_captions(n, seed=seed)
@@ -173,13 +181,10 @@ def steps_sweep(checkpoint: str, *, n: int, scale: float, settings: Sequence[tup
     for sampler, steps in settings:
         respacing = respacing_for(sampler, str(steps))
 
-        def run(chunk, offset):
-            return sample_images(model, params, tok, chunk, hparams=cfg.hparams, guidance_scale=scale,
-                                 respacing=respacing, sampler=sampler, seed=seed + offset)
-
-        jax.block_until_ready(run(captions[:batch], 0))  # compile outside the timing
+        kwargs = dict(scale=scale, respacing=respacing, sampler=sampler, seed=seed, batch=batch)
+        _sample_uint8(model, params, tok, cfg, captions[:batch], **kwargs)  # compile outside the timing
         t0 = time.perf_counter()
-        pics = np.concatenate([images.to_uint8(run(captions[i:i + batch], i)) for i in range(0, n, batch)])
+        pics = _sample_uint8(model, params, tok, cfg, captions, **kwargs)
         seconds = time.perf_counter() - t0
         scores = adherence_scores(captions, pics)
         rows.append(dict(sampler=sampler, steps=steps, seconds=seconds, seconds_per_image=seconds / n,
