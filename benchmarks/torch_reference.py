@@ -35,6 +35,16 @@ import torch as th
 from glide_text2im.model_creation import create_model_and_diffusion, model_and_diffusion_defaults
 
 
+def _timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn()."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def build(hparams_path: str, respacing: str):
     options = model_and_diffusion_defaults()
     with open(hparams_path) as f:
@@ -80,11 +90,7 @@ def bench_sample(args) -> dict:
                                     model_kwargs=dict(tokens=tokens, mask=mask))
 
     run()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    times = _timed(run, args.repeats)
     return dict(mode="sample", impl="openai/glide-text2im (PyTorch)", torch=th.__version__,
                 threads=th.get_num_threads(), batch=args.batch, model_rows=2 * args.batch,
                 steps=args.steps, guidance_scale=args.guidance_scale,
@@ -135,11 +141,7 @@ def bench_train(args) -> dict:
 
     for _ in range(args.warmup):
         step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = _timed(step, args.steps)
     return dict(mode="train", impl="openai/glide-text2im (PyTorch)", torch=th.__version__,
                 threads=th.get_num_threads(), batch=args.batch,
                 params=sum(p.numel() for p in model.parameters()),
