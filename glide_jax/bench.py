@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glide_jax import xla_cpu
+
 
 class BenchError(ValueError):
     """A user mistake (missing file, bad option); printed without a traceback."""
@@ -115,8 +117,9 @@ def load_hparams(path: str) -> dict[str, Any]:
     if kind not in models.UNET_KINDS:
         raise BenchError(f"bench needs a Text2ImUNet kind {models.UNET_KINDS}, got {kind!r}")
     full = models.hparams_with_defaults(kind, d)
-    try:
-        models.from_hparams(full)
+    try:  # building is lazy: trace an init (shapes only) so layer-level checks run here
+        model = models.from_hparams(full)
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.init_inputs(1)))
     except (TypeError, ValueError) as e:
         raise BenchError(f"hparams {path}: {e}") from None
     return full
@@ -235,6 +238,7 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
         first_call_s=first_s, model_call_s=statistics.median(call_times),
         gflop_per_step=gflop, achieved_gflops=achieved, peak_gflops=peak / 1e9,
         peak_source=peak_source, peak_fraction=achieved * 1e9 / peak,
+        host=xla_cpu.settings(),
         timing=f"per_step_s = median of {repeats} full {n_steps}-step runs / steps (one scan program); "
                "model_call_s = the guided model call alone, text encoding excluded",
     )
@@ -295,6 +299,7 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
         per_step_s=per_step_s, min_step_s=min(times), step_times_s=times, compile_s=compile_s,
         flops_per_step=flops, achieved_gflops=flops / per_step_s / 1e9, peak_gflops=peak / 1e9,
         peak_source=peak_source, mfu=flops / per_step_s / peak, images_per_s=batch / per_step_s,
+        host=xla_cpu.settings(),
         timing=f"median of {steps} steps after compilation and one warm-up step",
     )
 

@@ -45,6 +45,9 @@ def test_bad_hparams_exit_2(tmp_path, capsys):
     path.write_text(json.dumps({**TINY, "channel_mult": "1,2,3"}))
     assert bench.main(["train", "--hparams", str(path), "--json"]) == 2
     assert "channel_mult" in capsys.readouterr().err
+    path.write_text(json.dumps({**TINY, "num_head_channels": 64}))  # 32 channels: caught by the layers
+    assert bench.main(["sample", "--hparams", str(path), "--json"]) == 2
+    assert "num_head_channels 64" in capsys.readouterr().err
 
 
 def test_chip_table():

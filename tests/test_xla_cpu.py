@@ -36,3 +36,58 @@ def test_import_sets_flag_before_jax_starts():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"{FLAG}="
+
+
+TUNABLE = f"{xla_cpu.MALLOC_TUNABLE}=1"
+
+
+def test_malloc_tunables_added_only_where_they_apply():
+    assert xla_cpu.malloc_tunables({}, glibc=(2, 36), thp_mode="madvise") == TUNABLE
+    kept = xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, glibc=(2, 36), thp_mode="madvise")
+    assert kept == f"glibc.malloc.arena_max=2:{TUNABLE}"
+    # the user's own choice, an old glibc, musl, THP off or already always-on, opt-out: leave alone
+    assert xla_cpu.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, glibc=(2, 36),
+                                   thp_mode="madvise") is None
+    assert xla_cpu.malloc_tunables({}, glibc=(2, 31), thp_mode="madvise") is None
+    assert xla_cpu.malloc_tunables({}, glibc=None, thp_mode="madvise") is None
+    assert xla_cpu.malloc_tunables({}, glibc=(2, 36), thp_mode="never") is None
+    assert xla_cpu.malloc_tunables({}, glibc=(2, 36), thp_mode="always") is None
+    assert xla_cpu.malloc_tunables({xla_cpu.OPT_OUT: "0"}, glibc=(2, 36), thp_mode="madvise") is None
+
+
+def test_only_python_dash_m_glide_jax_is_a_tool_launch():
+    assert xla_cpu.launched_as_tool(["python", "-m", "glide_jax.train", "--workdir", "w"], ["-m"])
+    assert xla_cpu.launched_as_tool(["python", "-W", "ignore", "-m", "glide_jax.bench"], ["-m"])
+    assert xla_cpu.launched_as_tool(["python", "-m", "glide_jax"], ["-m"])
+    # the tool module itself already running, another package's tool, a script, pytest, -c
+    assert not xla_cpu.launched_as_tool(["python", "-m", "glide_jax.train"], ["/x/glide_jax/train.py"])
+    assert not xla_cpu.launched_as_tool(["python", "-m", "pytest", "tests"], ["-m"])
+    assert not xla_cpu.launched_as_tool(["python", "-m", "glide_jaxx.train"], ["-m"])
+    assert not xla_cpu.launched_as_tool(["python", "train.py"], ["train.py"])
+    assert not xla_cpu.launched_as_tool(["python", "-c", "import glide_jax"], ["-c"])
+
+
+def test_tool_launch_reexecs_once_with_huge_page_malloc(tmp_path):
+    """`python -m glide_jax.bench` records the settings it ran with; an import elsewhere changes nothing."""
+    import json
+    hp = tmp_path / "tiny.json"
+    hp.write_text(json.dumps(dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1",
+                                  attention_resolutions="", num_head_channels=32, dropout=0.0, text_ctx=2, xf_width=32, xf_layers=1,
+                                  xf_heads=1)))
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", xla_cpu.OPT_OUT)}
+    cmd = [sys.executable, "-m", "glide_jax.bench", "train", "--hparams", str(hp), "--batch", "1", "--steps", "1",
+           "--json"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)
+    host = json.loads(out.stdout.strip().splitlines()[-1])["host"]
+    expected = xla_cpu.malloc_tunables(env) or ""
+    assert host["glibc_tunables"] == expected
+    assert f"{FLAG}=" in host["xla_flags"]
+    if expected:  # this host has glibc >= 2.35 and THP in madvise mode: the tunable is really on
+        assert TUNABLE in host["glibc_tunables"]
+    out = subprocess.run(cmd, env={**env, xla_cpu.OPT_OUT: "0"}, capture_output=True, text=True, check=True,
+                         timeout=600)
+    host = json.loads(out.stdout.strip().splitlines()[-1])["host"]
+    assert host["glibc_tunables"] == "" and FLAG not in host["xla_flags"]
+    code = "import os, glide_jax; print(os.environ.get('GLIBC_TUNABLES', ''))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

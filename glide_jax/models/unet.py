@@ -427,7 +427,7 @@ class Text2ImUNet(nn.Module):
         h, hs = down_path(self, spec, h.astype(self.dtype), emb, xf_out, train, self.dtype)
         h = middle_block(self, spec, h, emb, xf_out, train, self.dtype)
         h = up_path(self, spec, h, hs, emb, xf_out, train, self.dtype)
-        h = nn.silu(GroupNorm(name="out_0")(h))
+        h = GroupNorm(name="out_0")(h, silu=True)
         return Conv(c.out_channels, 3, kernel_init=zeros, name="out_2")(h)
 
     @nn.nowrap
@@ -469,10 +469,10 @@ class EncoderUNet(nn.Module):
         h = middle_block(self, spec, h, emb, None, train, self.dtype)
         h = h.astype(jnp.float32)
         if c.pool == "adaptive":
-            h = nn.silu(GroupNorm(name="out_0")(h)).mean(axis=(1, 2), keepdims=True)
+            h = GroupNorm(name="out_0")(h, silu=True).mean(axis=(1, 2), keepdims=True)
             return Conv(c.out_channels, 1, kernel_init=zeros, name="out_3")(h)[:, 0, 0]
         if c.pool == "attention":
-            h = nn.silu(GroupNorm(name="out_0")(h))
+            h = GroupNorm(name="out_0")(h, silu=True)
             return AttentionPool2d(c.num_head_channels, c.out_channels, name="out_2")(h)
         feats = jnp.concatenate(
             [f.astype(jnp.float32).mean(axis=(1, 2)) for f in hs] + [h.mean(axis=(1, 2))], axis=-1
@@ -480,7 +480,7 @@ class EncoderUNet(nn.Module):
         if c.pool == "spatial":
             h = nn.relu(Dense(2048, name="out_0")(feats))
             return Dense(c.out_channels, name="out_2")(h)
-        h = nn.silu(GroupNorm(name="out_1")(Dense(2048, name="out_0")(feats)))
+        h = GroupNorm(name="out_1")(Dense(2048, name="out_0")(feats), silu=True)
         return Dense(c.out_channels, name="out_3")(h)
 
     @nn.nowrap
