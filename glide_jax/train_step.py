@@ -98,16 +98,24 @@ def train_step(
 
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ema = ema_update(state.ema_params, new_params, ema_rate)
 
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    def apply(grads, params, opt_state, ema_params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, ema_update(ema_params, params, ema_rate)
+
+    def skip(grads, params, opt_state, ema_params):
+        return params, opt_state, ema_params
+
+    # a conditional, not a select over the whole state: a skipped step costs nothing and an
+    # applied one updates the (donated) state buffers in place
+    params, opt_state, ema_params = jax.lax.cond(
+        finite, apply, skip, grads, state.params, state.opt_state, state.ema_params)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        ema_params=keep(new_ema, state.ema_params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
         bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
     )
     metrics = dict(metrics)
