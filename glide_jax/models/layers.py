@@ -177,10 +177,8 @@ def _group_norm_fwd(x3, scale, bias, mod_scale, mod_shift, num_groups, eps, silu
     gain = 1 + mod_scale
     mult = _per_channel(rstd, per_group) * scale * gain                                    # [B, C]
     offset = bias * gain + mod_shift                                                       # [B, C]
-    mean, mult, offset = jax.lax.optimization_barrier((mean, mult, offset))
     z = (x3 - mean[:, None]) * mult[:, None] + offset[:, None]
-    y = jax.lax.optimization_barrier(jax.nn.silu(z) if silu else z)
-    return y, (x3, scale, bias, gain, mean, rstd, mult, offset)
+    return (jax.nn.silu(z) if silu else z), (x3, scale, bias, gain, mean, rstd, mult, offset)
 
 
 def _group_norm_bwd(num_groups, eps, silu, res, dy):
@@ -206,7 +204,6 @@ def _group_norm_bwd(num_groups, eps, silu, res, dy):
     d_mean = -_per_group(mult * d_offset, num_groups)               # the variance term sums to 0
     k_x = _per_channel(2 * d_var / count, per_group)
     k_0 = _per_channel(d_mean / count, per_group)
-    mult, k_x, k_0 = jax.lax.optimization_barrier((mult, k_x, k_0))
     dx = dz * mult[:, None] + xc * k_x[:, None] + k_0[:, None]
     return dx, d_scale, d_bias, d_mod_scale, d_offset
 
