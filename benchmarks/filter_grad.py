@@ -3,13 +3,11 @@ two matmul formulations (im2col, 9 shifted matmuls). Prints ms and GFLOP/s per s
 
     .venv/bin/python benchmarks/filter_grad.py
 """
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import glide_jax  # noqa: F401  (XLA:CPU flags, as the package runs)
+from glide_jax import bench  # importing glide_jax sets its XLA:CPU flags, as the package runs
 
 SHAPES = [(8, 64, 64, 64), (8, 64, 128, 64), (8, 32, 128, 128), (8, 16, 192, 192), (8, 8, 256, 256)]
 
@@ -39,13 +37,8 @@ def im2col_dw(x, g):
 
 def median_ms(f, *args, n=9):
     f = jax.jit(f)
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
+    bench._timed(lambda: f(*args), 1)  # compile + warm-up
+    return float(np.median(bench._timed(lambda: f(*args), n))) * 1e3
 
 
 def main():

@@ -44,6 +44,10 @@ MIN_GLIBC = (2, 35)  # first glibc with glibc.malloc.hugetlb
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def _opted_out(environ: MutableMapping[str, str]) -> bool:
+    return environ.get(OPT_OUT, "1") == "0"
+
+
 def _jaxlib_version() -> str | None:
     try:
         return importlib.metadata.version("jaxlib")
@@ -53,7 +57,7 @@ def _jaxlib_version() -> str | None:
 
 def apply(environ: MutableMapping[str, str] = os.environ, jaxlib_version: str | None = None) -> bool:
     """Adds the CPU flags to environ["XLA_FLAGS"] unless opted out; returns whether it did."""
-    if environ.get(OPT_OUT, "1") == "0":
+    if _opted_out(environ):
         return False
     version = jaxlib_version if jaxlib_version is not None else _jaxlib_version()
     if not version or not version.startswith(TESTED_JAXLIB):
@@ -94,7 +98,7 @@ def malloc_tunables(environ: MutableMapping[str, str] = os.environ, glibc: tuple
     """The GLIBC_TUNABLES value to run with, or None when the current one should stay.
 
     glibc (None: not glibc) and thp_mode (None: unknown) default to this host's."""
-    if environ.get(OPT_OUT, "1") == "0":
+    if _opted_out(environ):
         return None
     glibc = _glibc_version() if glibc is _HOST else glibc
     thp_mode = _thp_mode() if thp_mode is _HOST else thp_mode
@@ -109,8 +113,8 @@ def launched_as_tool(orig_argv: Sequence[str], argv: Sequence[str]) -> bool:
     the tool (Python keeps sys.argv[0] == "-m" until then); False for every other import."""
     if not argv or argv[0] != "-m" or "-m" not in orig_argv[1:]:
         return False
-    i = list(orig_argv).index("-m", 1)
-    return i + 1 < len(orig_argv) and orig_argv[i + 1].split(".")[0] == "glide_jax"
+    module = orig_argv[list(orig_argv).index("-m", 1) + 1:][:1]
+    return bool(module) and module[0].split(".")[0] == "glide_jax"
 
 
 def reexec_with_malloc_tunables() -> None:

@@ -70,10 +70,10 @@ def test_only_python_dash_m_glide_jax_is_a_tool_launch():
 def test_tool_launch_reexecs_once_with_huge_page_malloc(tmp_path):
     """`python -m glide_jax.bench` records the settings it ran with; an import elsewhere changes nothing."""
     import json
+
+    from helpers import TINY_UNET
     hp = tmp_path / "tiny.json"
-    hp.write_text(json.dumps(dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1",
-                                  attention_resolutions="", num_head_channels=32, dropout=0.0, text_ctx=2, xf_width=32, xf_layers=1,
-                                  xf_heads=1)))
+    hp.write_text(json.dumps(dict(TINY_UNET, image_size=8, channel_mult="1", attention_resolutions="")))
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", xla_cpu.OPT_OUT)}
     cmd = [sys.executable, "-m", "glide_jax.bench", "train", "--hparams", str(hp), "--batch", "1", "--steps", "1",
            "--json"]
