@@ -18,8 +18,13 @@ forward + backward of the diffusion loss, caption dropout 0.2, AdamW, EMA) on ra
 state donated, FSDP over the first `--devices` devices; compiled ahead of time (`compile_s`),
 one untimed warm-up step, then `--steps` timed steps.
 
-FLOPs come from XLA's cost analysis of the compiled program (per device for a sharded one;
-with remat they include recomputation, so `mfu` is strictly a hardware-FLOPs utilisation).
+`--conv-algorithm auto|xla|winograd` (default auto: Winograd F(2x2,3x3) for float32 on CPU, see
+`glide_jax.models.layers.conv_algorithm_for`) chooses how 3x3 convolutions are computed.
+FLOPs (`flops_per_step`, `gflop_per_step`, `mfu`, `achieved_gflops`) are model FLOPs: XLA's
+cost analysis of the same program lowered with XLA's direct convolutions, whatever algorithm
+runs, so figures compare across algorithms and with other frameworks; `executed_*` is the cost
+analysis of the program actually compiled (Winograd does ~2.25x fewer multiplies per 3x3
+convolution). With remat the FLOPs include recomputation.
 Peaks: the bf16 dense peak of the chip (`CHIPS`); on CPU, a measured float32 matmul peak
 (best of several jitted 2048x2048 matmuls) of the whole process, shared by all host devices.
 """
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glide_jax import xla_cpu
+from glide_jax.models.layers import CONV_ALGORITHMS
 
 
 class BenchError(ValueError):
@@ -98,7 +104,8 @@ def peak_flops(devices: Sequence[jax.Device]) -> tuple[float, str]:
 
 
 def cost_flops(compiled) -> float:
-    """FLOPs of one run of a compiled program, from XLA's cost analysis (per device if sharded)."""
+    """FLOPs of one run of a program from XLA's cost analysis: of a `Compiled`, per device if
+    sharded; of a `Lowered` (before partitioning, nothing compiled), of the whole program."""
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else {}
@@ -178,7 +185,8 @@ def _n_params(params) -> int:
 
 
 def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2, guidance_scale: float = 3.0,
-                 sampler: str = "ddpm", dtype: str = "float32", repeats: int = 3, seed: int = 0) -> dict:
+                 sampler: str = "ddpm", dtype: str = "float32", repeats: int = 3, seed: int = 0,
+                 conv_algorithm: str = "auto") -> dict:
     """Times CFG sampling of `batch` prompts (see the module docstring)."""
     import flax.linen as nn
 
@@ -186,7 +194,7 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
     from glide_jax.diffusion import guidance as G
     from glide_jax.sample import generate, respacing_for, schedule_for
 
-    model = models.from_hparams(hparams, jnp.dtype(dtype))
+    model = models.build(hparams, jnp.dtype(dtype), conv_algorithm=conv_algorithm)
     rng = jax.random.PRNGKey(seed)
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **model.init_inputs(1))["params"]))(rng)
     rows = 2 * batch
@@ -213,16 +221,19 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
     text = jax.jit(lambda p, tok, m: model.apply({"params": p}, tok, m, method="encode_text"))(
         params, inputs["tokens"], inputs["mask"])
 
-    @jax.jit
-    def guided_call(params, text, rest, x, t):
-        model_fn = lambda x, t: model.apply({"params": params}, x, t, text=text, **rest)
-        return G.classifier_free(model_fn, guidance_scale)(x, t)
+    def guided_call(net):
+        def call(params, text, rest, x, t):
+            model_fn = lambda x, t: net.apply({"params": params}, x, t, text=text, **rest)
+            return G.classifier_free(model_fn, guidance_scale)(x, t)
+        return jax.jit(call)
 
     s = model.config.image_size
     x = jax.random.normal(rng, (rows, s, s, 3))
     t = jnp.full((rows,), int(sched.timestep_map[-1]), jnp.int32)
-    compiled = guided_call.lower(params, text, rest, x, t).compile()
-    gflop = cost_flops(compiled) / 1e9
+    compiled = guided_call(model).lower(params, text, rest, x, t).compile()
+    executed_gflop = cost_flops(compiled) / 1e9
+    direct = models.build(hparams, jnp.dtype(dtype), conv_algorithm="xla")
+    gflop = cost_flops(guided_call(direct).lower(params, text, rest, x, t)) / 1e9
     _timed(lambda: compiled(params, text, rest, x, t), 1)  # warm-up
     call_times = _timed(lambda: compiled(params, text, rest, x, t), repeats)
 
@@ -232,11 +243,12 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
     achieved = gflop / per_step_s
     return dict(
         mode="sample", kind=hparams["kind"], backend=jax.default_backend(), device=devices[0].device_kind,
-        dtype=dtype, sampler=sampler, batch=batch, model_rows=rows, steps=n_steps,
+        dtype=dtype, conv_algorithm=conv_algorithm, sampler=sampler, batch=batch, model_rows=rows, steps=n_steps,
         guidance_scale=guidance_scale, params=_n_params(params),
         per_step_s=per_step_s, total_s=total_s, run_times_s=run_times, compile_s=max(first_s - total_s, 0.0),
         first_call_s=first_s, model_call_s=statistics.median(call_times),
-        gflop_per_step=gflop, achieved_gflops=achieved, peak_gflops=peak / 1e9,
+        gflop_per_step=gflop, executed_gflop_per_step=executed_gflop, achieved_gflops=achieved,
+        executed_gflops=executed_gflop / per_step_s, peak_gflops=peak / 1e9,
         peak_source=peak_source, peak_fraction=achieved * 1e9 / peak,
         host=xla_cpu.settings(),
         timing=f"per_step_s = median of {repeats} full {n_steps}-step runs / steps (one scan program); "
@@ -248,7 +260,7 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
 
 
 def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32", devices: int = 1,
-                steps: int = 3, seed: int = 0) -> dict:
+                steps: int = 3, seed: int = 0, conv_algorithm: str = "auto") -> dict:
     """Times one training step of the real training program (see the module docstring)."""
     import ml_collections
 
@@ -264,9 +276,10 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
     config = default_config()
     config.model.hparams = ml_collections.ConfigDict(dict(hparams))
     config.model.dtype = dtype
+    config.model.conv_algorithm = conv_algorithm
     config.data.batch_size = batch
     mesh = sharding.make_mesh({"data": 1, "fsdp": devices, "tensor": 1}, all_devices[:devices])
-    model = models.from_hparams(hparams, jnp.dtype(dtype))
+    model = train.build_model(config)
     sched = train.build_schedule(config)
     tx = make_optimizer(config.optim)
     rng = jax.random.PRNGKey(seed)
@@ -281,7 +294,10 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, data, rng).compile()
     compile_s = time.perf_counter() - t0
-    flops = cost_flops(compiled) * devices  # the cost analysis is of one device's program
+    executed_flops = cost_flops(compiled) * devices  # the cost analysis is of one device's program
+    direct = models.build(hparams, jnp.dtype(dtype), conv_algorithm="xla")
+    flops = cost_flops(  # model FLOPs: the same program with direct convolutions, lowered only
+        train.make_jitted_step(config, direct, sched, tx, state_sh, batch_sh, mesh, pad_id=0).lower(state, data, rng))
 
     holder = {"state": state}
 
@@ -295,9 +311,12 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
     peak, peak_source = peak_flops(all_devices[:devices])
     return dict(
         mode="train", kind=hparams["kind"], backend=jax.default_backend(), device=all_devices[0].device_kind,
-        devices=devices, dtype=dtype, batch=batch, params=_n_params(holder["state"].params),
+        devices=devices, dtype=dtype, conv_algorithm=conv_algorithm, batch=batch,
+        params=_n_params(holder["state"].params),
         per_step_s=per_step_s, min_step_s=min(times), step_times_s=times, compile_s=compile_s,
-        flops_per_step=flops, achieved_gflops=flops / per_step_s / 1e9, peak_gflops=peak / 1e9,
+        flops_per_step=flops, executed_flops_per_step=executed_flops,
+        achieved_gflops=flops / per_step_s / 1e9, executed_gflops=executed_flops / per_step_s / 1e9,
+        peak_gflops=peak / 1e9,
         peak_source=peak_source, mfu=flops / per_step_s / peak, images_per_s=batch / per_step_s,
         host=xla_cpu.settings(),
         timing=f"median of {steps} steps after compilation and one warm-up step",
@@ -361,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pd.add_argument("--config", default="shapes_tiny")
     pd.add_argument("--steps", type=int, default=20)
     pd.add_argument("--batch", type=int, default=0, help="override data.batch_size")
+    for p in (ps, pt):
+        p.add_argument("--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
+                       help="3x3 convolutions: auto (Winograd for float32 on CPU) | xla | winograd")
     for p in (ps, pt, pd):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -368,10 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "sample":
             result = bench_sample(load_hparams(args.hparams), steps=args.steps, batch=args.batch,
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, dtype=args.dtype,
-                                  repeats=args.repeats)
+                                  repeats=args.repeats, conv_algorithm=args.conv_algorithm)
         elif args.mode == "train":
             result = bench_train(load_hparams(args.hparams), batch=args.batch, dtype=args.dtype,
-                                 devices=args.devices, steps=args.steps)
+                                 devices=args.devices, steps=args.steps, conv_algorithm=args.conv_algorithm)
         else:
             result = bench_data(args.config, steps=args.steps, batch=args.batch or None)
     except (BenchError, FileNotFoundError) as e:

@@ -67,18 +67,17 @@ def _set_fake_devices(n: int) -> None:
 
 
 def _build_model(config):
-    """config.model -> network, with remat mapped onto the kind's own switch."""
+    """config.model -> network, with remat mapped onto the kind's own switch.
+
+    Convolutions are planned as XLA's own ("xla"): the plan stands for the accelerator program,
+    and "auto" would pick the CPU-only Winograd path on the fake CPU devices.
+    """
     import jax.numpy as jnp
 
     from glide_jax import models
 
-    hparams = dict(config.model.hparams.to_dict())
-    if config.model.get("remat", False):
-        if hparams["kind"] in models.UNET_KINDS:
-            hparams["remat"] = True
-        elif hparams["kind"] == "classifier":
-            hparams["use_checkpoint"] = True
-    return models.from_hparams(hparams, dtype=jnp.dtype(config.model.dtype))
+    return models.build(config.model.hparams.to_dict(), jnp.dtype(config.model.dtype),
+                        remat=config.model.get("remat", False), conv_algorithm="xla")
 
 
 def _leaf_bytes(tree, shardings) -> int:

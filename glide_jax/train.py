@@ -43,11 +43,9 @@ class TrainingError(RuntimeError):
 def build_model(config: ml_collections.ConfigDict):
     from glide_jax import models
 
-    dtype = jnp.dtype(config.model.dtype)
-    hparams = config.model.hparams.to_dict()
-    if config.model.get("remat", False):
-        hparams["use_checkpoint" if hparams["kind"] == "classifier" else "remat"] = True
-    return models.from_hparams(hparams, dtype=dtype)
+    return models.build(config.model.hparams.to_dict(), jnp.dtype(config.model.dtype),
+                        remat=config.model.get("remat", False),
+                        conv_algorithm=config.model.get("conv_algorithm", "auto"))
 
 
 class ClipTextTokens:

@@ -112,6 +112,24 @@ def from_hparams(hparams: Mapping[str, Any], dtype=jnp.float32) -> nn.Module:
     return ClipModel(ClipConfig.from_hparams(full), dtype=dtype)
 
 
+def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
+          conv_algorithm: str = "auto") -> nn.Module:
+    """`from_hparams` plus the runtime switches of `config.model`.
+
+    remat: rematerialise blocks in the backward pass (the UNets' `remat`, the classifier's
+    `use_checkpoint`; CLIP has none). conv_algorithm: how 3x3 convolutions are computed
+    ("auto" | "xla" | "winograd", see `layers.conv_algorithm_for`; UNets and classifier only).
+    Neither changes the parameters.
+    """
+    hparams = dict(hparams)
+    kind = hparams.get("kind")
+    if kind in UNET_KINDS or kind == "classifier":
+        hparams["conv_algorithm"] = conv_algorithm
+        if remat:
+            hparams["remat" if kind in UNET_KINDS else "use_checkpoint"] = True
+    return from_hparams(hparams, dtype)
+
+
 # Named hyper-parameter presets. The first five are the released checkpoints (glide-text2im
 # README / notebooks, guided-diffusion README); the "paper-*" ones are the unreleased models of
 # the GLIDE paper (Nichol et al. 2021, sec. 4): ADM widened to 512 channels with a 24-block,

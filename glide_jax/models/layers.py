@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glide_jax.models import winograd
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -62,10 +64,37 @@ class Dense(nn.Module):
         return y
 
 
+CONV_ALGORITHMS = ("auto", "xla", "winograd")
+# "auto" uses Winograd only where it measured faster: the CPU backend, float32, and at least
+# this many input and output channels (the 3-channel input conv and 6-channel output conv of
+# a UNet are slower as Winograd; README "Benchmarks").
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype) -> str:
+    """Which implementation `Conv` uses: "xla" (lax.conv_general_dilated) or "winograd".
+
+    "xla" and "winograd" force one ("winograd" falls back to "xla" where it cannot apply: not
+    3x3, strided, or odd H/W); "auto" picks Winograd for supported float32 convolutions on the
+    CPU backend with >= WINOGRAD_MIN_CHANNELS input and output channels.
+    """
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv algorithm {algorithm!r}: expected one of {CONV_ALGORITHMS}")
+    if algorithm == "xla" or not winograd.supported(x_shape, kernel_shape, stride):
+        return "xla"
+    if algorithm == "winograd":
+        return "winograd"
+    narrow = min(kernel_shape[2], kernel_shape[3]) < WINOGRAD_MIN_CHANNELS
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or narrow:
+        return "xla"
+    return "winograd"
+
+
 class Conv(nn.Module):
     """2-D convolution, NHWC, 'SAME'-style symmetric padding k//2.
 
-    x: [B, H, W, Cin] -> [B, H/stride, W/stride, features].
+    x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]. `algorithm` (see
+    `conv_algorithm_for`) only changes how it is computed, never the parameters.
     """
 
     features: int
@@ -73,6 +102,7 @@ class Conv(nn.Module):
     stride: int = 1
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    algorithm: str = "auto"
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = zeros
 
@@ -86,13 +116,16 @@ class Conv(nn.Module):
             jnp.float32,
         )
         pad = k // 2
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        if conv_algorithm_for(self.algorithm, x.shape, kernel.shape, self.stride, self.dtype) == "winograd":
+            y = winograd.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                window_strides=(self.stride, self.stride),
+                padding=((pad, pad), (pad, pad)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         if self.use_bias:
             bias = self.param("bias", _param(self.bias_init, (OUT,)), (self.features,), jnp.float32)
             y = y + bias.astype(self.dtype)
@@ -374,12 +407,14 @@ class Upsample(nn.Module):
     use_conv: bool = True
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = upsample_nearest_2x(x)
         if self.use_conv:
-            x = Conv(self.out_channels or x.shape[-1], 3, dtype=self.dtype, name="conv")(x)
+            x = Conv(self.out_channels or x.shape[-1], 3, dtype=self.dtype,
+                     algorithm=self.conv_algorithm, name="conv")(x)
         return x
 
 
@@ -389,11 +424,13 @@ class Downsample(nn.Module):
     use_conv: bool = True
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
+    conv_algorithm: str = "auto"  # a stride-2 conv always runs as XLA's (see conv_algorithm_for)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
-            return Conv(self.out_channels or x.shape[-1], 3, stride=2, dtype=self.dtype, name="op")(x)
+            return Conv(self.out_channels or x.shape[-1], 3, stride=2, dtype=self.dtype,
+                        algorithm=self.conv_algorithm, name="op")(x)
         if self.out_channels not in (None, x.shape[-1]):
             raise ValueError("average-pool downsampling cannot change the channel count")
         return avg_pool_2x(x)
@@ -416,6 +453,7 @@ class ResBlock(nn.Module):
     down: bool = False
     train: bool = False
     dtype: Dtype = jnp.float32
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
@@ -425,7 +463,7 @@ class ResBlock(nn.Module):
             h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
         elif self.down:
             h, x = avg_pool_2x(h), avg_pool_2x(x)
-        h = Conv(c_out, 3, dtype=self.dtype, name="in_layers_2")(h)
+        h = Conv(c_out, 3, dtype=self.dtype, algorithm=self.conv_algorithm, name="in_layers_2")(h)
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
         emb_out = Dense(n_emb, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
@@ -438,7 +476,8 @@ class ResBlock(nn.Module):
         h = h.astype(self.dtype)
         if self.dropout > 0:
             h = Dropout(self.dropout, name="out_layers_2")(h, deterministic=not self.train)
-        h = Conv(c_out, 3, dtype=self.dtype, kernel_init=zeros, name="out_layers_3")(h)
+        h = Conv(c_out, 3, dtype=self.dtype, kernel_init=zeros, algorithm=self.conv_algorithm,
+                 name="out_layers_3")(h)
 
         if x.shape[-1] != c_out:
             x = Conv(c_out, 1, dtype=self.dtype, name="skip_connection")(x)

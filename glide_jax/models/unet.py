@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from glide_jax.models.layers import (
+    CONV_ALGORITHMS,
     AttentionBlock,
     AttentionPool2d,
     Conv,
@@ -35,6 +36,11 @@ _DEFAULT_CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 
 _NON_MODEL_KEYS = frozenset(
     {"kind", "diffusion_steps", "noise_schedule", "timestep_respacing", "use_fp16", "cache_text_emb"}
 )
+
+
+def _check_conv_algorithm(value: str) -> None:
+    if value not in CONV_ALGORITHMS:
+        raise ValueError(f"conv_algorithm {value!r}: expected one of {CONV_ALGORITHMS}")
 
 
 def parse_channel_mult(value: Any, image_size: int) -> tuple[int, ...]:
@@ -109,8 +115,10 @@ class UNetConfig:
     n_vocab: int = 50257
     out_channels: int = 6
     remat: bool = False
+    conv_algorithm: str = "auto"  # runtime, not a GLIDE key: layers.conv_algorithm_for
 
     def __post_init__(self):
+        _check_conv_algorithm(self.conv_algorithm)
         object.__setattr__(self, "channel_mult", parse_channel_mult(self.channel_mult, self.image_size))
         object.__setattr__(self, "attention_resolutions", parse_ints(self.attention_resolutions))
 
@@ -137,6 +145,7 @@ class UNetConfig:
             use_scale_shift_norm=self.use_scale_shift_norm,
             resblock_updown=self.resblock_updown,
             remat=self.remat,
+            conv_algorithm=self.conv_algorithm,
         )
 
 
@@ -169,8 +178,10 @@ class EncoderUNetConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     pool: str = "adaptive"
+    conv_algorithm: str = "auto"  # runtime, not a guided-diffusion key: layers.conv_algorithm_for
 
     def __post_init__(self):
+        _check_conv_algorithm(self.conv_algorithm)
         cm = self.channel_mult
         if isinstance(cm, str) and cm == "":
             if self.image_size not in _CLASSIFIER_CHANNEL_MULT:
@@ -207,6 +218,7 @@ class EncoderUNetConfig:
             conv_resample=self.conv_resample,
             use_new_attention_order=self.use_new_attention_order,
             remat=self.use_checkpoint,
+            conv_algorithm=self.conv_algorithm,
         )
 
 
@@ -227,6 +239,7 @@ class TrunkSpec:
     conv_resample: bool = True
     use_new_attention_order: bool = False
     remat: bool = False
+    conv_algorithm: str = "auto"
 
 
 # The trunk functions below create sub-modules inline, so they must be called from inside a
@@ -255,7 +268,7 @@ def embed_timesteps(m: nn.Module, spec: TrunkSpec, t: jax.Array) -> jax.Array:
 def _res_attn(m, spec, prefix, h, emb, xf_out, out_ch, use_attn, heads, train, dtype):
     res_cls, attn_cls = _blocks(spec)
     h = res_cls(out_ch, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                name=f"{prefix}_0")(h, emb)
+                conv_algorithm=spec.conv_algorithm, name=f"{prefix}_0")(h, emb)
     if use_attn:
         h = attn_cls(heads, spec.num_head_channels, spec.use_new_attention_order, dtype,
                      name=f"{prefix}_1")(h, xf_out)
@@ -266,7 +279,8 @@ def down_path(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     """input_blocks. h: [B, S, S, C_in] -> (h [B, S/2^(L-1), ., C], skips list)."""
     res_cls, _ = _blocks(spec)
     mc = spec.model_channels
-    h = Conv(int(spec.channel_mult[0] * mc), 3, dtype=dtype, name="input_blocks_0_0")(h)
+    h = Conv(int(spec.channel_mult[0] * mc), 3, dtype=dtype, algorithm=spec.conv_algorithm,
+             name="input_blocks_0_0")(h)
     hs = [h]
     _trace(m, "trace.input_blocks.0", h)
     ds = 1
@@ -282,9 +296,10 @@ def down_path(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
             name = f"input_blocks_{i}_0"
             if spec.resblock_updown:
                 h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, down=True,
-                            train=train, dtype=dtype, name=name)(h, emb)
+                            train=train, dtype=dtype, conv_algorithm=spec.conv_algorithm, name=name)(h, emb)
             else:
-                h = Downsample(spec.conv_resample, dtype=dtype, name=name)(h)
+                h = Downsample(spec.conv_resample, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                               name=name)(h)
             hs.append(h)
             _trace(m, f"trace.input_blocks.{i}", h)
             ds *= 2
@@ -296,11 +311,11 @@ def middle_block(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     res_cls, attn_cls = _blocks(spec)
     c = h.shape[-1]
     h = res_cls(c, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                name="middle_block_0")(h, emb)
+                conv_algorithm=spec.conv_algorithm, name="middle_block_0")(h, emb)
     h = attn_cls(spec.num_heads, spec.num_head_channels, spec.use_new_attention_order, dtype,
                  name="middle_block_1")(h, xf_out)
     h = res_cls(c, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                name="middle_block_2")(h, emb)
+                conv_algorithm=spec.conv_algorithm, name="middle_block_2")(h, emb)
     _trace(m, "trace.middle_block", h)
     return h
 
@@ -322,9 +337,11 @@ def up_path(m, spec: TrunkSpec, h, hs, emb, xf_out, train: bool, dtype: Dtype):
                 name = f"output_blocks_{i}_{2 if use_attn else 1}"
                 if spec.resblock_updown:
                     h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, up=True,
-                                train=train, dtype=dtype, name=name)(h, emb)
+                                train=train, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                                name=name)(h, emb)
                 else:
-                    h = Upsample(spec.conv_resample, dtype=dtype, name=name)(h)
+                    h = Upsample(spec.conv_resample, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                                 name=name)(h)
                 ds //= 2
             _trace(m, f"trace.output_blocks.{i}", h)
             i += 1
@@ -428,7 +445,7 @@ class Text2ImUNet(nn.Module):
         h = middle_block(self, spec, h, emb, xf_out, train, self.dtype)
         h = up_path(self, spec, h, hs, emb, xf_out, train, self.dtype)
         h = GroupNorm(name="out_0")(h, silu=True)
-        return Conv(c.out_channels, 3, kernel_init=zeros, name="out_2")(h)
+        return Conv(c.out_channels, 3, kernel_init=zeros, algorithm=c.conv_algorithm, name="out_2")(h)
 
     @nn.nowrap
     def init_inputs(self, batch: int = 1) -> dict[str, jax.Array]:

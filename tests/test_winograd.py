@@ -1,0 +1,115 @@
+"""Winograd F(2x2,3x3) convolutions: same values and gradients as a direct convolution."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glide_jax.models import layers, winograd
+
+
+def _direct(x, g):
+    return jax.lax.conv_general_dilated(
+        x, g, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST)
+
+
+def _direct_f64(x, g):
+    """Cross-correlation with zero padding 1, in float64 numpy."""
+    x = np.asarray(x, np.float64)
+    g = np.asarray(g, np.float64)
+    b, h, w, _ = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = np.zeros((b, h, w, g.shape[3]))
+    for i in range(3):
+        for j in range(3):
+            y += xp[:, i:i + h, j:j + w] @ g[i, j]
+    return y
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 8, 8, 16), 24), ((1, 4, 6, 3), 5), ((3, 2, 2, 8), 8),
+                                        ((2, 16, 10, 32), 32)])
+def test_forward_matches_float64(shape, cout):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = (rng.standard_normal((3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1])).astype(np.float32)
+    want = _direct_f64(x, g)
+    got = np.asarray(jax.jit(winograd.conv3x3)(x, g))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    # and exactly as close as XLA's own float32 convolution is
+    direct_err = np.abs(np.asarray(_direct(x, g)) - want).max()
+    assert np.abs(got - want).max() <= 10 * max(direct_err, 1e-7)
+
+
+@pytest.mark.parametrize("shape,cout", [((2, 8, 8, 16), 24), ((1, 4, 6, 3), 5)])
+def test_gradients_match_direct_convolution(shape, cout):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1]), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(shape[:3] + (cout,)), jnp.float32)
+
+    def loss(conv):
+        return lambda x, g: jnp.sum(jnp.tanh(conv(x, g)) * ct)
+
+    want = jax.grad(loss(_direct), argnums=(0, 1))(x, g)
+    got = jax.jit(jax.grad(loss(winograd.conv3x3), argnums=(0, 1)))(x, g)
+    for w, gt in zip(want, got):
+        np.testing.assert_allclose(gt, w, atol=2e-5 * float(jnp.abs(w).max()), rtol=0)
+
+
+def test_gradient_is_the_vjp_of_the_forward():
+    """<dy, J dx> == <J^T dy, dx> with the hand-written backward (checks dx and dg directly)."""
+    rng = np.random.default_rng(2)
+    x, dx = (jnp.asarray(rng.standard_normal((2, 6, 4, 5)), jnp.float32) for _ in range(2))
+    g, dg = (jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32) for _ in range(2))
+    dy = jnp.asarray(rng.standard_normal((2, 6, 4, 7)), jnp.float32)
+    _, vjp = jax.vjp(winograd.conv3x3, x, g)
+    gx, gg = vjp(dy)
+    # the convolution is bilinear: J(x,g)[dx,dg] = conv(dx, g) + conv(x, dg)
+    lhs = jnp.vdot(dy, _direct(dx, g) + _direct(x, dg))
+    rhs = jnp.vdot(gx, dx) + jnp.vdot(gg, dg)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_supported_shapes():
+    assert winograd.supported((2, 8, 8, 4), (3, 3, 4, 4))
+    assert not winograd.supported((2, 7, 8, 4), (3, 3, 4, 4))  # odd height
+    assert not winograd.supported((2, 8, 8, 4), (1, 1, 4, 4))  # 1x1
+    assert not winograd.supported((2, 8, 8, 4), (3, 3, 4, 4), stride=2)
+
+
+def test_conv_algorithm_choice(monkeypatch):
+    pick = layers.conv_algorithm_for
+    wide, narrow = (3, 3, 64, 64), (3, 3, 3, 64)
+    x = (2, 8, 8, 64)
+    assert pick("xla", x, wide, 1, jnp.float32) == "xla"
+    assert pick("winograd", x, narrow, 1, jnp.float32) == "winograd"
+    assert pick("winograd", (2, 7, 7, 64), wide, 1, jnp.float32) == "xla"  # cannot apply: falls back
+    assert pick("winograd", x, wide, 2, jnp.float32) == "xla"
+    assert jax.default_backend() == "cpu"
+    assert pick("auto", x, wide, 1, jnp.float32) == "winograd"
+    assert pick("auto", x, narrow, 1, jnp.float32) == "xla"
+    assert pick("auto", x, wide, 1, jnp.bfloat16) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert pick("auto", x, wide, 1, jnp.float32) == "xla"
+    with pytest.raises(ValueError, match="conv algorithm 'fast'"):
+        pick("fast", x, wide, 1, jnp.float32)
+
+
+@pytest.mark.parametrize("algorithm", ["xla", "winograd", "auto"])
+def test_conv_module_same_params_and_values(algorithm):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 32))
+    ref = layers.Conv(32, 3, algorithm="xla")
+    params = ref.init(jax.random.PRNGKey(1), x)
+    conv = layers.Conv(32, 3, algorithm=algorithm)
+    assert jax.tree.structure(conv.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
+    np.testing.assert_allclose(conv.apply(params, x), ref.apply(params, x), atol=2e-5)
+
+
+def test_unet_config_rejects_unknown_algorithm():
+    from glide_jax import models
+
+    with pytest.raises(ValueError, match="conv_algorithm 'fast'"):
+        models.build({"kind": "base", "num_channels": 32}, conv_algorithm="fast")
