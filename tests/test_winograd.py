@@ -82,15 +82,17 @@ def test_supported_shapes():
 
 def test_conv_algorithm_choice(monkeypatch):
     pick = layers.conv_algorithm_for
-    wide, narrow = (3, 3, 64, 64), (3, 3, 3, 64)
-    x = (2, 8, 8, 64)
+    wide, narrow = (3, 3, 64, 128), (3, 3, 3, 128)
+    x = (2, 16, 16, 64)
     assert pick("xla", x, wide, 1, jnp.float32) == "xla"
     assert pick("winograd", x, narrow, 1, jnp.float32) == "winograd"
-    assert pick("winograd", (2, 7, 7, 64), wide, 1, jnp.float32) == "xla"  # cannot apply: falls back
+    assert pick("winograd", (2, 17, 16, 64), wide, 1, jnp.float32) == "xla"  # cannot apply: falls back
     assert pick("winograd", x, wide, 2, jnp.float32) == "xla"
     assert jax.default_backend() == "cpu"
     assert pick("auto", x, wide, 1, jnp.float32) == "winograd"
     assert pick("auto", x, narrow, 1, jnp.float32) == "xla"
+    assert pick("auto", x, (3, 3, 64, 64), 1, jnp.float32) == "xla"  # too few output channels
+    assert pick("auto", (2, 8, 8, 64), wide, 1, jnp.float32) == "xla"  # too small an image
     assert pick("auto", x, wide, 1, jnp.bfloat16) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert pick("auto", x, wide, 1, jnp.float32) == "xla"
@@ -113,3 +115,35 @@ def test_unet_config_rejects_unknown_algorithm():
 
     with pytest.raises(ValueError, match="conv_algorithm 'fast'"):
         models.build({"kind": "base", "num_channels": 32}, conv_algorithm="fast")
+
+
+def test_unet_same_outputs_and_gradients_with_either_algorithm():
+    """The whole text-conditional UNet (tiny) with Winograd everywhere it applies vs XLA's convs."""
+    from glide_jax import models
+    from tests.helpers import TINY
+
+    hp = TINY["base"]
+    nets = {a: models.build(hp, conv_algorithm=a) for a in ("xla", "winograd")}
+    inputs = nets["xla"].init_inputs(2)
+    params = nets["xla"].init(jax.random.PRNGKey(0), **inputs)["params"]
+    # zero-initialised output convs would hide the convolutions: give every weight some size
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    inputs["x"] = jax.random.normal(jax.random.PRNGKey(2), inputs["x"].shape)
+    inputs["t"] = jnp.array([10, 900])
+    inputs["tokens"] = jnp.arange(inputs["tokens"].size).reshape(inputs["tokens"].shape) % 50
+
+    def out_and_grads(net):
+        def loss(p):
+            out = net.apply({"params": p}, **inputs)
+            return jnp.mean(jnp.square(out)), out
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    runs = {a: out_and_grads(net) for a, net in nets.items()}
+    (gx, ox), (gw, ow) = runs["xla"], runs["winograd"]
+    scale = float(jnp.abs(ox).max())
+    assert scale > 0.1
+    np.testing.assert_allclose(ow, ox, atol=1e-4 * scale)
+    for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gx)):
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-8)

@@ -65,10 +65,13 @@ class Dense(nn.Module):
 
 
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
-# "auto" uses Winograd only where it measured faster: the CPU backend, float32, and at least
-# this many input and output channels (the 3-channel input conv and 6-channel output conv of
-# a UNet are slower as Winograd; README "Benchmarks").
-WINOGRAD_MIN_CHANNELS = 32
+# Where "auto" uses Winograd: measured per shape on the 2-core CPU VM (benchmarks/winograd.py,
+# bench config, batch 8), it is 0.66-0.82x XLA's time forward and backward for >= 128 output
+# channels at 16x16 and above, about even or slower at 64 output channels on 64x64 and at 8x8,
+# and 1.7-2.2x slower for the 3-channel input and 6-channel output convolutions.
+WINOGRAD_MIN_IN_CHANNELS = 32
+WINOGRAD_MIN_OUT_CHANNELS = 128
+WINOGRAD_MIN_SIZE = 16
 
 
 def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype) -> str:
@@ -76,7 +79,8 @@ def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype
 
     "xla" and "winograd" force one ("winograd" falls back to "xla" where it cannot apply: not
     3x3, strided, or odd H/W); "auto" picks Winograd for supported float32 convolutions on the
-    CPU backend with >= WINOGRAD_MIN_CHANNELS input and output channels.
+    CPU backend with >= WINOGRAD_MIN_IN_CHANNELS / _OUT_CHANNELS channels and H, W >=
+    WINOGRAD_MIN_SIZE, XLA's convolution otherwise (and always on TPU/GPU).
     """
     if algorithm not in CONV_ALGORITHMS:
         raise ValueError(f"conv algorithm {algorithm!r}: expected one of {CONV_ALGORITHMS}")
@@ -84,8 +88,9 @@ def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype
         return "xla"
     if algorithm == "winograd":
         return "winograd"
-    narrow = min(kernel_shape[2], kernel_shape[3]) < WINOGRAD_MIN_CHANNELS
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or narrow:
+    suits = (kernel_shape[2] >= WINOGRAD_MIN_IN_CHANNELS and kernel_shape[3] >= WINOGRAD_MIN_OUT_CHANNELS
+             and min(x_shape[1], x_shape[2]) >= WINOGRAD_MIN_SIZE)
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or not suits:
         return "xla"
     return "winograd"
 
