@@ -96,7 +96,7 @@ def test_conv_algorithm_choice(monkeypatch):
     assert pick("auto", x, wide, 1, jnp.bfloat16) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert pick("auto", x, wide, 1, jnp.float32) == "xla"
-    with pytest.raises(ValueError, match="conv algorithm 'fast'"):
+    with pytest.raises(ValueError, match="conv_algorithm 'fast'"):
         pick("fast", x, wide, 1, jnp.float32)
 
 

@@ -74,6 +74,11 @@ WINOGRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD_MIN_SIZE = 16
 
 
+def check_conv_algorithm(algorithm: str) -> None:
+    if algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv_algorithm {algorithm!r}: expected one of {CONV_ALGORITHMS}")
+
+
 def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype) -> str:
     """Which implementation `Conv` uses: "xla" (lax.conv_general_dilated) or "winograd".
 
@@ -82,8 +87,7 @@ def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype
     CPU backend with >= WINOGRAD_MIN_IN_CHANNELS / _OUT_CHANNELS channels and H, W >=
     WINOGRAD_MIN_SIZE, XLA's convolution otherwise (and always on TPU/GPU).
     """
-    if algorithm not in CONV_ALGORITHMS:
-        raise ValueError(f"conv algorithm {algorithm!r}: expected one of {CONV_ALGORITHMS}")
+    check_conv_algorithm(algorithm)
     if algorithm == "xla" or not winograd.supported(x_shape, kernel_shape, stride):
         return "xla"
     if algorithm == "winograd":

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from glide_jax.models.layers import (
-    CONV_ALGORITHMS,
     AttentionBlock,
     AttentionPool2d,
     Conv,
@@ -26,6 +25,7 @@ from glide_jax.models.layers import (
     GroupNorm,
     ResBlock,
     Upsample,
+    check_conv_algorithm,
     timestep_embedding,
     zeros,
 )
@@ -36,11 +36,6 @@ _DEFAULT_CHANNEL_MULT = {64: (1, 2, 3, 4), 128: (1, 1, 2, 3, 4), 256: (1, 1, 2, 
 _NON_MODEL_KEYS = frozenset(
     {"kind", "diffusion_steps", "noise_schedule", "timestep_respacing", "use_fp16", "cache_text_emb"}
 )
-
-
-def _check_conv_algorithm(value: str) -> None:
-    if value not in CONV_ALGORITHMS:
-        raise ValueError(f"conv_algorithm {value!r}: expected one of {CONV_ALGORITHMS}")
 
 
 def parse_channel_mult(value: Any, image_size: int) -> tuple[int, ...]:
@@ -118,7 +113,7 @@ class UNetConfig:
     conv_algorithm: str = "auto"  # runtime, not a GLIDE key: layers.conv_algorithm_for
 
     def __post_init__(self):
-        _check_conv_algorithm(self.conv_algorithm)
+        check_conv_algorithm(self.conv_algorithm)
         object.__setattr__(self, "channel_mult", parse_channel_mult(self.channel_mult, self.image_size))
         object.__setattr__(self, "attention_resolutions", parse_ints(self.attention_resolutions))
 
@@ -181,7 +176,7 @@ class EncoderUNetConfig:
     conv_algorithm: str = "auto"  # runtime, not a guided-diffusion key: layers.conv_algorithm_for
 
     def __post_init__(self):
-        _check_conv_algorithm(self.conv_algorithm)
+        check_conv_algorithm(self.conv_algorithm)
         cm = self.channel_mult
         if isinstance(cm, str) and cm == "":
             if self.image_size not in _CLASSIFIER_CHANNEL_MULT:
