@@ -59,17 +59,21 @@ def _combine(coefs, parts):
 
 
 def _input_transform(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> V [16, B*H/2*W/2, C]: B^T d B for every 4x4 tile (stride 2, pad 1)."""
+    """[B, H, W, C] -> V [16, B*H/2*W/2, C]: B^T d B for every 4x4 tile (stride 2, pad 1).
+
+    Separable, rows then columns: 4 row combinations stacked ([4, B, H/2, W+2, C], 2x x's
+    size), then 4 column combinations of that stack. Each stage is 4 loop fusions and one
+    concatenate; the direct form (16 fusions, each recomputing whatever elementwise producer
+    XLA fuses into it) measured 1.4-2.2x slower on XLA:CPU.
+    """
     b, h, w, c = x.shape
     nh, nw = h // _M, w // _M
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = [xp[:, k::_M][:, :nh] for k in range(_ALPHA)]  # each [B, nh, W+2, C]
-    out = []
-    for i in range(_ALPHA):
-        r = _combine(_BT[i], rows)
-        cols = [r[:, :, k::_M][:, :, :nw] for k in range(_ALPHA)]  # each [B, nh, nw, C]
-        out.extend(_combine(_BT[j], cols) for j in range(_ALPHA))
-    return jnp.stack(out).reshape(_ALPHA * _ALPHA, b * nh * nw, c)
+    r = jnp.stack([_combine(_BT[i], rows) for i in range(_ALPHA)])  # [4(i), B, nh, W+2, C]
+    cols = [r[:, :, :, k::_M][:, :, :, :nw] for k in range(_ALPHA)]  # each [4(i), B, nh, nw, C]
+    v = jnp.stack([_combine(_BT[j], cols) for j in range(_ALPHA)], axis=1)  # [4(i), 4(j), B, nh, nw, C]
+    return v.reshape(_ALPHA * _ALPHA, b * nh * nw, c)
 
 
 def _filter_transform(g: jax.Array) -> jax.Array:
@@ -100,16 +104,18 @@ def _output_transform(m: jax.Array, out_shape) -> jax.Array:
 
 
 def _output_transform_t(dy: jax.Array) -> jax.Array:
-    """Transpose of `_output_transform`: dy [B, H, W, Cout] -> dM [16, T, Cout] = A dy A^T."""
+    """Transpose of `_output_transform`: dy [B, H, W, Cout] -> dM [16, T, Cout] = A dy A^T.
+
+    Separable like `_input_transform`: row-phase combinations first ([4, B, H/2, W/2, 2, Cout]),
+    then column-phase combinations of that stack."""
     b, h, w, co = dy.shape
     nh, nw = h // _M, w // _M
     phases = dy.reshape(b, nh, _M, nw, _M, co)
-    p = [[phases[:, :, r, :, s] for s in range(_M)] for r in range(_M)]
-    out = []
-    for i in range(_ALPHA):
-        col = [_combine(_AT[:, i], [p[r][s] for r in range(_M)]) for s in range(_M)]
-        out.extend(_combine(_AT[:, j], col) for j in range(_ALPHA))
-    return jnp.stack(out).reshape(_ALPHA * _ALPHA, b * nh * nw, co)
+    rows = [phases[:, :, r] for r in range(_M)]  # each [B, nh, nw, 2(s), Cout]
+    c = jnp.stack([_combine(_AT[:, i], rows) for i in range(_ALPHA)])  # [4(i), B, nh, nw, 2(s), Cout]
+    cols = [c[:, :, :, :, s] for s in range(_M)]  # each [4(i), B, nh, nw, Cout]
+    dm = jnp.stack([_combine(_AT[:, j], cols) for j in range(_ALPHA)], axis=1)  # [4(i), 4(j), ...]
+    return dm.reshape(_ALPHA * _ALPHA, b * nh * nw, co)
 
 
 def _conv(x: jax.Array, g: jax.Array) -> jax.Array:
