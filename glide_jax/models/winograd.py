@@ -9,8 +9,8 @@ so a convolution becomes three cheap elementwise transforms plus 16 batched matm
 [T, Cin] x [Cin, Cout] (T = number of 2x2 tiles). The backward pass is Winograd too: the input
 gradient is the same algorithm applied to dy with the 180-degree-rotated, transposed filter, and
 the filter gradient is 16 matmuls [Cin, T] x [T, Cout] followed by the filter transform's
-transpose (`G^T dU G`). Nothing large is saved for the backward pass beyond x itself; the input
-transform is recomputed.
+transpose (`G^T dU G`). The forward pass saves the transformed input V (4x x's size) for the
+filter gradient rather than recomputing it (measured ~4% of the bench training step on XLA:CPU).
 
 Why: on XLA:CPU a 3x3 convolution runs at about the machine's matmul rate, and its filter
 gradient needs layout transposes of the activations; Winograd does 2.25x fewer multiplies and
@@ -118,9 +118,14 @@ def _output_transform_t(dy: jax.Array) -> jax.Array:
     return dm.reshape(_ALPHA * _ALPHA, b * nh * nw, co)
 
 
+def _winograd(v: jax.Array, g: jax.Array, out_shape) -> jax.Array:
+    """Transformed input V [16, T, Cin] and filter g [3, 3, Cin, Cout] -> y [out_shape]."""
+    m = jnp.einsum("ktc,kco->kto", v, _filter_transform(g))
+    return _output_transform(m, out_shape)
+
+
 def _conv(x: jax.Array, g: jax.Array) -> jax.Array:
-    m = jnp.einsum("ktc,kco->kto", _input_transform(x), _filter_transform(g))
-    return _output_transform(m, x.shape[:3] + (g.shape[3],))
+    return _winograd(_input_transform(x), g, x.shape[:3] + (g.shape[3],))
 
 
 @jax.custom_vjp
@@ -134,13 +139,14 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _fwd(x, kernel):
-    return _conv(x, kernel), (x, kernel)
+    v = _input_transform(x)
+    return _winograd(v, kernel, x.shape[:3] + (kernel.shape[3],)), (v, kernel)
 
 
 def _bwd(res, dy):
-    x, g = res
+    v, g = res
     dm = _output_transform_t(dy)
-    du = jnp.einsum("ktc,kto->kco", _input_transform(x), dm)
+    du = jnp.einsum("ktc,kto->kco", v, dm)
     dg = _filter_transform_t(du)
     g_rot = jnp.flip(g, (0, 1)).transpose(0, 1, 3, 2)  # [3, 3, Cout, Cin]
     dx = _conv(dy, g_rot)
