@@ -1,4 +1,5 @@
-"""3x3 convolutions of the bench config (batch 8): XLA's convolution vs Winograd F(2x2,3x3)
+"""3x3 convolutions of the bench config (batch 8): XLA's convolution vs Winograd (F(4x4,3x3) where
+H and W are multiples of 4, else F(2x2,3x3))
 (`glide_jax.models.winograd`). Prints, per shape, the median ms of the forward pass and of the
 backward pass (input and filter gradients), timed alternately in one process, and the ratios.
 

@@ -1,4 +1,4 @@
-"""Winograd F(2x2,3x3) convolutions: same values and gradients as a direct convolution."""
+"""Winograd F(2x2,3x3) and F(4x4,3x3) convolutions: same values and gradients as a direct convolution."""
 
 from __future__ import annotations
 
@@ -29,22 +29,30 @@ def _direct_f64(x, g):
     return y
 
 
-@pytest.mark.parametrize("shape,cout", [((2, 8, 8, 16), 24), ((1, 4, 6, 3), 5), ((3, 2, 2, 8), 8),
-                                        ((2, 16, 10, 32), 32)])
-def test_forward_matches_float64(shape, cout):
+# float32 error relative to the output's largest magnitude, and how many times XLA's own float32
+# convolution error it may be: F(2,3)'s coefficients are 0, +-1, +-1/2; F(4,3)'s reach 8 and 1/24
+TOLERANCE = {2: (1e-5, 10), 4: (5e-5, 60)}
+CASES = [((2, 8, 8, 16), 24, 2), ((2, 8, 8, 16), 24, 4), ((1, 4, 6, 3), 5, 2), ((3, 2, 2, 8), 8, 2),
+         ((2, 16, 10, 32), 32, 2), ((2, 12, 16, 32), 40, 4), ((1, 4, 4, 3), 5, 4)]
+
+
+@pytest.mark.parametrize("shape,cout,tile", CASES)
+def test_forward_matches_float64(shape, cout, tile):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     g = (rng.standard_normal((3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1])).astype(np.float32)
     want = _direct_f64(x, g)
-    got = np.asarray(jax.jit(winograd.conv3x3)(x, g))
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
-    # and exactly as close as XLA's own float32 convolution is
+    got = np.asarray(jax.jit(lambda x, g: winograd.conv3x3(x, g, tile))(x, g))
+    rel, vs_direct = TOLERANCE[tile]
+    np.testing.assert_allclose(got, want, atol=rel * np.abs(want).max(), rtol=0)
+    # and about as close as XLA's own float32 convolution is
     direct_err = np.abs(np.asarray(_direct(x, g)) - want).max()
-    assert np.abs(got - want).max() <= 10 * max(direct_err, 1e-7)
+    assert np.abs(got - want).max() <= vs_direct * max(direct_err, 1e-7)
 
 
-@pytest.mark.parametrize("shape,cout", [((2, 8, 8, 16), 24), ((1, 4, 6, 3), 5)])
-def test_gradients_match_direct_convolution(shape, cout):
+@pytest.mark.parametrize("shape,cout,tile", [((2, 8, 8, 16), 24, 2), ((2, 8, 8, 16), 24, 4),
+                                             ((1, 4, 6, 3), 5, 2), ((1, 4, 8, 3), 5, 4)])
+def test_gradients_match_direct_convolution(shape, cout, tile):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     g = jnp.asarray(rng.standard_normal((3, 3, shape[-1], cout)) / np.sqrt(9 * shape[-1]), jnp.float32)
@@ -54,18 +62,19 @@ def test_gradients_match_direct_convolution(shape, cout):
         return lambda x, g: jnp.sum(jnp.tanh(conv(x, g)) * ct)
 
     want = jax.grad(loss(_direct), argnums=(0, 1))(x, g)
-    got = jax.jit(jax.grad(loss(winograd.conv3x3), argnums=(0, 1)))(x, g)
+    got = jax.jit(jax.grad(loss(lambda x, g: winograd.conv3x3(x, g, tile)), argnums=(0, 1)))(x, g)
     for w, gt in zip(want, got):
-        np.testing.assert_allclose(gt, w, atol=2e-5 * float(jnp.abs(w).max()), rtol=0)
+        np.testing.assert_allclose(gt, w, atol=2 * TOLERANCE[tile][0] * float(jnp.abs(w).max()), rtol=0)
 
 
-def test_gradient_is_the_vjp_of_the_forward():
+@pytest.mark.parametrize("shape,tile", [((2, 6, 4, 5), 2), ((2, 8, 4, 5), 4)])
+def test_gradient_is_the_vjp_of_the_forward(shape, tile):
     """<dy, J dx> == <J^T dy, dx> with the hand-written backward (checks dx and dg directly)."""
     rng = np.random.default_rng(2)
-    x, dx = (jnp.asarray(rng.standard_normal((2, 6, 4, 5)), jnp.float32) for _ in range(2))
+    x, dx = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
     g, dg = (jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32) for _ in range(2))
-    dy = jnp.asarray(rng.standard_normal((2, 6, 4, 7)), jnp.float32)
-    _, vjp = jax.vjp(winograd.conv3x3, x, g)
+    dy = jnp.asarray(rng.standard_normal(shape[:3] + (7,)), jnp.float32)
+    _, vjp = jax.vjp(lambda x, g: winograd.conv3x3(x, g, tile), x, g)
     gx, gg = vjp(dy)
     # the convolution is bilinear: J(x,g)[dx,dg] = conv(dx, g) + conv(x, dg)
     lhs = jnp.vdot(dy, _direct(dx, g) + _direct(x, dg))
@@ -78,6 +87,14 @@ def test_supported_shapes():
     assert not winograd.supported((2, 7, 8, 4), (3, 3, 4, 4))  # odd height
     assert not winograd.supported((2, 8, 8, 4), (1, 1, 4, 4))  # 1x1
     assert not winograd.supported((2, 8, 8, 4), (3, 3, 4, 4), stride=2)
+    assert winograd.tile_for((2, 16, 8, 4)) == 4
+    assert winograd.tile_for((2, 16, 6, 4)) == 2  # 6 is even, not a multiple of 4
+    assert winograd.tile_for((2, 16, 7, 4)) is None
+    x, g = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
+    with pytest.raises(ValueError, match="tile 4 cannot cover"):
+        winograd.conv3x3(x, g, 4)
+    with pytest.raises(ValueError, match="tile 3 cannot cover"):
+        winograd.conv3x3(x, g, 3)
 
 
 def test_conv_algorithm_choice(monkeypatch):
@@ -91,7 +108,8 @@ def test_conv_algorithm_choice(monkeypatch):
     assert jax.default_backend() == "cpu"
     assert pick("auto", x, wide, 1, jnp.float32) == "winograd"
     assert pick("auto", x, narrow, 1, jnp.float32) == "xla"
-    assert pick("auto", x, (3, 3, 64, 64), 1, jnp.float32) == "xla"  # too few output channels
+    assert pick("auto", x, (3, 3, 64, 64), 1, jnp.float32) == "winograd"
+    assert pick("auto", x, (3, 3, 64, 32), 1, jnp.float32) == "xla"  # too few output channels
     assert pick("auto", (2, 8, 8, 64), wide, 1, jnp.float32) == "xla"  # too small an image
     assert pick("auto", x, wide, 1, jnp.bfloat16) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")

@@ -66,11 +66,11 @@ class Dense(nn.Module):
 
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
 # Where "auto" uses Winograd: measured per shape on the 2-core CPU VM (benchmarks/winograd.py,
-# bench config, batch 8), it is 0.66-0.82x XLA's time forward and backward for >= 128 output
-# channels at 16x16 and above, about even or slower at 64 output channels on 64x64 and at 8x8,
-# and 1.7-2.2x slower for the 3-channel input and 6-channel output convolutions.
+# bench config, batch 8, forward + backward), F(4x4,3x3) takes 0.4-0.8x XLA's time for >= 64
+# output channels at 16x16 and above; it is slower at 8x8 and for the 3-channel input and
+# 6-channel output convolutions.
 WINOGRAD_MIN_IN_CHANNELS = 32
-WINOGRAD_MIN_OUT_CHANNELS = 128
+WINOGRAD_MIN_OUT_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 16
 
 
