@@ -18,7 +18,7 @@ forward + backward of the diffusion loss, caption dropout 0.2, AdamW, EMA) on ra
 state donated, FSDP over the first `--devices` devices; compiled ahead of time (`compile_s`),
 one untimed warm-up step, then `--steps` timed steps.
 
-`--conv-algorithm auto|xla|winograd` (default auto: Winograd F(2x2,3x3) for float32 on CPU, see
+`--conv-algorithm auto|xla|winograd` (default auto: Winograd F(4x4,3x3) for float32 on CPU, see
 `glide_jax.models.layers.conv_algorithm_for`) chooses how 3x3 convolutions are computed.
 FLOPs (`flops_per_step`, `gflop_per_step`, `mfu`, `achieved_gflops`) are model FLOPs: XLA's
 cost analysis of the same program lowered with XLA's direct convolutions, whatever algorithm

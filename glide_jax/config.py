@@ -19,7 +19,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.hparams = ml_collections.ConfigDict(hparams_with_defaults("base"))  # the released base
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    # 3x3 convolutions: "auto" = Winograd F(2x2,3x3) on the CPU backend in float32 (faster there,
+    # 3x3 convolutions: "auto" = Winograd F(4x4,3x3) on the CPU backend in float32 (faster there,
     # README "Benchmarks"), XLA's convolution elsewhere; "xla" / "winograd" force one.
     c.model.conv_algorithm = "auto"
 

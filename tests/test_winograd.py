@@ -90,6 +90,7 @@ def test_supported_shapes():
     assert winograd.tile_for((2, 16, 8, 4)) == 4
     assert winograd.tile_for((2, 16, 6, 4)) == 2  # 6 is even, not a multiple of 4
     assert winograd.tile_for((2, 16, 7, 4)) is None
+    assert winograd.tile_for((2, 16, 8, 4), jnp.bfloat16) == 2  # F(4,3) only at float32 and above
     x, g = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
     with pytest.raises(ValueError, match="tile 4 cannot cover"):
         winograd.conv3x3(x, g, 4)

@@ -50,10 +50,13 @@ _TRANSFORMS = {
 TILES = tuple(sorted(_TRANSFORMS))
 
 
-def tile_for(x_shape) -> int | None:
-    """The output tile `conv3x3` uses for x [B, H, W, C]: 4 if H and W are multiples of 4, else
-    2 if they are even, else None (not supported)."""
-    for m in sorted(TILES, reverse=True):
+def tile_for(x_shape, dtype=jnp.float32) -> int | None:
+    """The output tile `conv3x3` uses for x [B, H, W, C] of `dtype`: 4 if H and W are multiples
+    of 4 and the dtype is at least float32 (F(4,3)'s larger coefficients cost ~20x F(2,3)'s
+    rounding error: fine in float32, not in bfloat16/float16), else 2 if they are even, else
+    None (not supported)."""
+    tiles = TILES if jnp.finfo(dtype).bits >= 32 else (2,)
+    for m in sorted(tiles, reverse=True):
         if x_shape[1] % m == 0 and x_shape[2] % m == 0:
             return m
     return None
@@ -161,9 +164,10 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Arr
 
     Same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
     dimension_numbers=("NHWC", "HWIO", "NHWC"))`. Requires even H and W (`supported`).
-    tile: output tile m (2 or 4; H and W must be multiples of it); default `tile_for(x.shape)`.
+    tile: output tile m (2 or 4; H and W must be multiples of it); default
+    `tile_for(x.shape, x.dtype)`.
     """
-    m = tile_for(x.shape) if tile is None else tile
+    m = tile_for(x.shape, x.dtype) if tile is None else tile
     if m not in TILES or x.shape[1] % m or x.shape[2] % m:
         raise ValueError(f"Winograd tile {tile} cannot cover an input of shape {x.shape}: "
                          f"tiles are {TILES} and H, W must be multiples of the tile")
