@@ -66,7 +66,7 @@ class Dense(nn.Module):
 
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
 # Where "auto" uses Winograd: measured per shape on the 2-core CPU VM (benchmarks/winograd.py,
-# bench config, batch 8, forward + backward), F(4x4,3x3) takes 0.4-0.8x XLA's time for >= 64
+# bench config, batch 8), F(4x4,3x3) takes 0.43-0.95x XLA's time forward and backward for >= 64
 # output channels at 16x16 and above; it is slower at 8x8 and for the 3-channel input and
 # 6-channel output convolutions.
 WINOGRAD_MIN_IN_CHANNELS = 32
