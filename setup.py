@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "wheel"],
         "beam": ["apache-beam==2.77.0"],
     },
 )

@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 "$PY" -m glide_jax.bench sample --hparams "$HPARAMS" --steps 25 --batch 2 --guidance-scale 3 --json \
   | tail -n 1 > "$OUT/jax_sample.json"
 # the reference runs with the same malloc tunables glide_jax's tools set for themselves
-# (glide_jax/xla_cpu.py): same host settings on both sides
+# (glide_jax/host.py): same host settings on both sides
 TUNABLES=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("host", {}).get("glibc_tunables", ""))' \
   "$OUT/jax_sample.json")
 export GLIBC_TUNABLES="$TUNABLES"

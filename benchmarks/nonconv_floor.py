@@ -1,11 +1,11 @@
 """How much of the bench training step is not 3x3 convolution: times `bench train` as is, then
-with every 3x3 stride-1 convolution routed to the Winograd path (`--conv-algorithm winograd`)
+with every 3x3 stride-1 convolution routed to the Winograd path (`--kernels winograd`)
 and that path replaced by a cheap elementwise stand-in of the same input and output shapes
 (channel slice/tile times one kernel row), i.e. the floor left by everything else.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/nonconv_floor.py [HPARAMS.json]
 
-(the tunable is what `python -m glide_jax.<tool>` runs with; see glide_jax/xla_cpu.py)
+(the tunable is what `python -m glide_jax.<tool>` runs with; see glide_jax/host.py)
 
 Prints both `per_step_s` and their difference (the time the 3x3 convolutions take). The stand-in
 is only a measuring device: its results are meaningless.
@@ -28,9 +28,9 @@ def stand_in(x, kernel):
 
 def main(hparams_path: str = "../shared/bench/bench_hparams.json") -> None:
     hparams = bench.load_hparams(hparams_path)
-    full = bench.bench_train(hparams, batch=8, steps=5, conv_algorithm="auto")["per_step_s"]
+    full = bench.bench_train(hparams, batch=8, steps=5, kernels="cpu")["per_step_s"]
     winograd.conv3x3 = stand_in  # Conv looks the function up at trace time
-    floor = bench.bench_train(hparams, batch=8, steps=5, conv_algorithm="winograd")["per_step_s"]
+    floor = bench.bench_train(hparams, batch=8, steps=5, kernels="winograd")["per_step_s"]
     print(f"training step: {full:.3f} s; with 3x3 convolutions stubbed: {floor:.3f} s; "
           f"3x3 convolutions: {full - floor:.3f} s ({(full - floor) / full:.0%})")
 

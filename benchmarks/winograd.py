@@ -5,7 +5,7 @@ backward pass (input and filter gradients), timed alternately in one process, an
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/winograd.py [repeats]
 
-(the tunable is what `python -m glide_jax.<tool>` runs with; see glide_jax/xla_cpu.py)
+(the tunable is what `python -m glide_jax.<tool>` runs with; see glide_jax/host.py)
 """
 import sys
 import time

@@ -1,8 +1,6 @@
-"""glide_jax: OpenAI's GLIDE (text-guided diffusion) in JAX/Flax, built for TPU-pod training."""
+"""glide_jax: OpenAI's GLIDE (text-guided diffusion) in JAX/Flax, built for TPU-pod training.
 
-from glide_jax import xla_cpu as _xla_cpu
-
-_xla_cpu.reexec_with_malloc_tunables()  # `python -m glide_jax.<tool>` only; see glide_jax/xla_cpu.py
-_xla_cpu.apply()  # before anything creates jax's CPU client
+Importing the package has no side effects; the command-line tools tune CPU hosts themselves
+(`glide_jax.host`)."""
 
 __version__ = "0.1.0"

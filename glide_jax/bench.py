@@ -18,13 +18,14 @@ forward + backward of the diffusion loss, caption dropout 0.2, AdamW, EMA) on ra
 state donated, FSDP over the first `--devices` devices; compiled ahead of time (`compile_s`),
 one untimed warm-up step, then `--steps` timed steps.
 
-`--conv-algorithm auto|xla|winograd` (default auto: Winograd F(4x4,3x3) for float32 on CPU, see
-`glide_jax.models.layers.conv_algorithm_for`) chooses how 3x3 convolutions are computed.
-FLOPs (`flops_per_step`, `gflop_per_step`, `mfu`, `achieved_gflops`) are model FLOPs: XLA's
-cost analysis of the same program lowered with XLA's direct convolutions, whatever algorithm
-runs, so figures compare across algorithms and with other frameworks; `executed_*` is the cost
-analysis of the program actually compiled (Winograd does ~2.25x fewer multiplies per 3x3
-convolution). With remat the FLOPs include recomputation.
+`--kernels auto|xla|cpu|winograd` (default auto: "cpu" on the CPU backend, "xla" elsewhere; see
+`glide_jax.experiment.resolve_kernels` and `glide_jax.models.layers.KERNELS`) chooses the kernel
+set, "winograd" forcing Winograd on every 3x3 convolution it supports. FLOPs (`flops_per_step`,
+`gflop_per_step`, `mfu`, `achieved_gflops`) are model FLOPs: XLA's cost analysis of the same
+program lowered with the "xla" kernels (direct convolutions), whatever runs, so figures compare
+across kernel sets and with other frameworks; `executed_*` is the cost analysis of the program
+actually compiled (Winograd does fewer multiplies per 3x3 convolution). With remat the FLOPs
+include recomputation.
 Peaks: the bf16 dense peak of the chip (`CHIPS`); on CPU, a measured float32 matmul peak
 (best of several jitted 2048x2048 matmuls) of the whole process, shared by all host devices.
 """
@@ -39,12 +40,20 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from glide_jax import xla_cpu
-from glide_jax.models.layers import CONV_ALGORITHMS
+from glide_jax import configs_loader, experiment, host, sharding, train
+from glide_jax.config import default_config
+from glide_jax.data import pipeline
+from glide_jax.diffusion import guidance as G
+from glide_jax.models import layers
+from glide_jax.sample import generate, respacing_for, schedule_for
+
+KERNEL_CHOICES = ("auto",) + layers.KERNELS
 
 
 class BenchError(ValueError):
@@ -113,39 +122,24 @@ def cost_flops(compiled) -> float:
 
 
 def load_hparams(path: str) -> dict[str, Any]:
-    from glide_jax import models
-
     try:
         with open(path) as f:
             d = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise BenchError(f"cannot read hparams {path}: {e}") from None
     kind = d.get("kind", "base")
-    if kind not in models.UNET_KINDS:
-        raise BenchError(f"bench needs a Text2ImUNet kind {models.UNET_KINDS}, got {kind!r}")
-    full = models.hparams_with_defaults(kind, d)
+    if kind not in experiment.GENERATORS:
+        raise BenchError(f"bench needs a Text2ImUNet kind {experiment.GENERATORS}, got {kind!r}")
+    full = experiment.hparams_with_defaults(kind, d)
     try:  # building is lazy: trace an init (shapes only) so layer-level checks run here
-        model = models.from_hparams(full)
+        model = experiment.from_hparams(full)
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.init_inputs(1)))
     except (TypeError, ValueError) as e:
         raise BenchError(f"hparams {path}: {e}") from None
     return full
 
 
-def abstract_batch(model, kind: str, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of one training batch for `model` (the fields its loss reads), no memory."""
-    inputs = jax.eval_shape(lambda: model.init_inputs(batch))
-    out = {}
-    for name, a in inputs.items():
-        if name in ("x", "images"):
-            out["image"] = jax.ShapeDtypeStruct(a.shape[:-1] + (3,), jnp.float32)
-        elif name == "lens":
-            out["mask"] = jax.ShapeDtypeStruct(out["tokens"].shape, jnp.bool_)
-        elif name != "t":
-            out[name] = a
-    if kind == "classifier":
-        out["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return out
+abstract_batch = experiment.abstract_batch
 
 
 def random_batch(shapes: Mapping[str, jax.ShapeDtypeStruct], *, n_vocab: int = 50257, num_classes: int = 1,
@@ -186,15 +180,10 @@ def _n_params(params) -> int:
 
 def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2, guidance_scale: float = 3.0,
                  sampler: str = "ddpm", dtype: str = "float32", repeats: int = 3, seed: int = 0,
-                 conv_algorithm: str = "auto") -> dict:
+                 kernels: str = "auto") -> dict:
     """Times CFG sampling of `batch` prompts (see the module docstring)."""
-    import flax.linen as nn
-
-    from glide_jax import models
-    from glide_jax.diffusion import guidance as G
-    from glide_jax.sample import generate, respacing_for, schedule_for
-
-    model = models.build(hparams, jnp.dtype(dtype), conv_algorithm=conv_algorithm)
+    kernels = experiment.resolve_kernels(kernels)
+    model = experiment.build(hparams, jnp.dtype(dtype), kernels=kernels)
     rng = jax.random.PRNGKey(seed)
     params = jax.jit(lambda r: nn.meta.unbox(model.init(r, **model.init_inputs(1))["params"]))(rng)
     rows = 2 * batch
@@ -233,8 +222,8 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
     lowered = guided_call(model).lower(params, text, rest, x, t)
     compiled = lowered.compile()
     executed_gflop = cost_flops(compiled) / 1e9
-    if conv_algorithm != "xla":  # model FLOPs: the same call with direct convolutions
-        lowered = guided_call(models.build(hparams, jnp.dtype(dtype), conv_algorithm="xla")).lower(
+    if kernels != "xla":  # model FLOPs: the same call with direct convolutions
+        lowered = guided_call(experiment.build(hparams, jnp.dtype(dtype), kernels="xla")).lower(
             params, text, rest, x, t)
     gflop = cost_flops(lowered) / 1e9
     _timed(lambda: compiled(params, text, rest, x, t), 1)  # warm-up
@@ -246,14 +235,14 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
     achieved = gflop / per_step_s
     return dict(
         mode="sample", kind=hparams["kind"], backend=jax.default_backend(), device=devices[0].device_kind,
-        dtype=dtype, conv_algorithm=conv_algorithm, sampler=sampler, batch=batch, model_rows=rows, steps=n_steps,
+        dtype=dtype, kernels=kernels, sampler=sampler, batch=batch, model_rows=rows, steps=n_steps,
         guidance_scale=guidance_scale, params=_n_params(params),
         per_step_s=per_step_s, total_s=total_s, run_times_s=run_times, compile_s=max(first_s - total_s, 0.0),
         first_call_s=first_s, model_call_s=statistics.median(call_times),
         gflop_per_step=gflop, executed_gflop_per_step=executed_gflop, achieved_gflops=achieved,
         executed_gflops=executed_gflop / per_step_s, peak_gflops=peak / 1e9,
         peak_source=peak_source, peak_fraction=achieved * 1e9 / peak,
-        host=xla_cpu.settings(),
+        host=host.settings(),
         timing=f"per_step_s = median of {repeats} full {n_steps}-step runs / steps (one scan program); "
                "model_call_s = the guided model call alone, text encoding excluded",
     )
@@ -263,45 +252,37 @@ def bench_sample(hparams: Mapping[str, Any], *, steps: int = 25, batch: int = 2,
 
 
 def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32", devices: int = 1,
-                steps: int = 3, seed: int = 0, conv_algorithm: str = "auto") -> dict:
+                steps: int = 3, seed: int = 0, kernels: str = "auto") -> dict:
     """Times one training step of the real training program (see the module docstring)."""
-    import ml_collections
-
-    from glide_jax import models, sharding, train
-    from glide_jax.config import default_config
-    from glide_jax.train_state import make_optimizer
-
     all_devices = jax.devices()
     if not 1 <= devices <= len(all_devices):
         raise BenchError(f"--devices {devices}: {len(all_devices)} devices are available")
     if batch % devices:
         raise BenchError(f"--batch {batch} is not divisible by --devices {devices}")
-    config = default_config()
+    config = default_config(hparams["kind"])
     config.model.hparams = ml_collections.ConfigDict(dict(hparams))
     config.model.dtype = dtype
-    config.model.conv_algorithm = conv_algorithm
+    config.model.kernels = kernels
     config.data.batch_size = batch
+    config.seed = seed
+    experiment.finalize(config)
+    kernels = config.model.kernels
     mesh = sharding.make_mesh({"data": 1, "fsdp": devices, "tensor": 1}, all_devices[:devices])
-    model = train.build_model(config)
-    sched = train.build_schedule(config)
-    tx = make_optimizer(config.optim)
-    rng = jax.random.PRNGKey(seed)
-    boxed, init_fn = train.abstract_state(model, tx, model.init_inputs(1), rng)
-    state_sh = train.state_shardings(boxed, mesh)
-    state = jax.jit(lambda r: train.unbox(init_fn(r)), out_shardings=state_sh)(rng)
+    setup = experiment.setup_state(config, mesh)
+    model, state, state_sh, rng = setup.model, setup.state, setup.shardings, jax.random.PRNGKey(seed)
     shapes = abstract_batch(model, hparams["kind"], batch)
     batch_sh = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in shapes.items()}
     data = jax.device_put(random_batch(shapes, n_vocab=model.config.n_vocab, seed=seed), batch_sh)
-    step_fn = train.make_jitted_step(config, model, sched, tx, state_sh, batch_sh, mesh, pad_id=0)
+    step_fn = train.make_jitted_step(config, model, setup.tx, state_sh, batch_sh, mesh, pad_id=0)
 
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, data, rng)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     executed_flops = cost_flops(compiled) * devices  # the cost analysis is of one device's program
-    if conv_algorithm != "xla":  # model FLOPs: the same program with direct convolutions, lowered only
-        direct = models.build(hparams, jnp.dtype(dtype), conv_algorithm="xla")
-        lowered = train.make_jitted_step(config, direct, sched, tx, state_sh, batch_sh, mesh, pad_id=0).lower(
+    if kernels != "xla":  # model FLOPs: the same program with direct convolutions, lowered only
+        direct = experiment.model_from_config(config, kernels="xla")
+        lowered = train.make_jitted_step(config, direct, setup.tx, state_sh, batch_sh, mesh, pad_id=0).lower(
             state, data, rng)
     flops = cost_flops(lowered)
 
@@ -317,14 +298,14 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
     peak, peak_source = peak_flops(all_devices[:devices])
     return dict(
         mode="train", kind=hparams["kind"], backend=jax.default_backend(), device=all_devices[0].device_kind,
-        devices=devices, dtype=dtype, conv_algorithm=conv_algorithm, batch=batch,
+        devices=devices, dtype=dtype, kernels=kernels, batch=batch,
         params=_n_params(holder["state"].params),
         per_step_s=per_step_s, min_step_s=min(times), step_times_s=times, compile_s=compile_s,
         flops_per_step=flops, executed_flops_per_step=executed_flops,
         achieved_gflops=flops / per_step_s / 1e9, executed_gflops=executed_flops / per_step_s / 1e9,
         peak_gflops=peak / 1e9,
         peak_source=peak_source, mfu=flops / per_step_s / peak, images_per_s=batch / per_step_s,
-        host=xla_cpu.settings(),
+        host=host.settings(),
         timing=f"median of {steps} steps after compilation and one warm-up step",
     )
 
@@ -334,13 +315,10 @@ def bench_train(hparams: Mapping[str, Any], *, batch: int = 8, dtype: str = "flo
 
 def bench_data(config_name: str, *, steps: int = 20, batch: int | None = None) -> dict:
     """Images/s that the per-host input pipeline delivers (process 0 of 1)."""
-    from glide_jax import configs_loader, train
-    from glide_jax.data import pipeline
-
     config = configs_loader.load(config_name, lock=False)
     if batch:
         config.data.batch_size = batch
-    tok = train.build_tokenizer(config)
+    tok = experiment.tokenizer_for(config.model.hparams, config.tokenizer)
     pipeline.prepare(config.data)
     rate = pipeline.benchmark(config.data, steps, tokenizer=tok)
     return dict(
@@ -387,8 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pd.add_argument("--steps", type=int, default=20)
     pd.add_argument("--batch", type=int, default=0, help="override data.batch_size")
     for p in (ps, pt):
-        p.add_argument("--conv-algorithm", choices=CONV_ALGORITHMS, default="auto",
-                       help="3x3 convolutions: auto (Winograd for float32 on CPU) | xla | winograd")
+        p.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                       help="auto (cpu on the CPU backend, xla elsewhere) | xla | cpu | winograd (cpu, Winograd "
+                            "forced on every supported 3x3 convolution)")
     for p in (ps, pt, pd):
         p.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -396,13 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "sample":
             result = bench_sample(load_hparams(args.hparams), steps=args.steps, batch=args.batch,
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, dtype=args.dtype,
-                                  repeats=args.repeats, conv_algorithm=args.conv_algorithm)
+                                  repeats=args.repeats, kernels=args.kernels)
         elif args.mode == "train":
             result = bench_train(load_hparams(args.hparams), batch=args.batch, dtype=args.dtype,
-                                 devices=args.devices, steps=args.steps, conv_algorithm=args.conv_algorithm)
+                                 devices=args.devices, steps=args.steps, kernels=args.kernels)
         else:
             result = bench_data(args.config, steps=args.steps, batch=args.batch or None)
-    except (BenchError, FileNotFoundError) as e:
+    except (BenchError, FileNotFoundError, experiment.SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _print(result, args.json)
@@ -410,4 +389,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

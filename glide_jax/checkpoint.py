@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,6 @@ def _set_aside_steps(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves step directories to WORKDIR/checkpoints_unreadable/<step>[.<time>] (process 0)."""
     directory = epath.Path(manager.directory)
     if jax.process_count() > 1:  # every host has finished reading before process 0 renames
-        from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("glide_jax_set_aside_unreadable")
     if jax.process_index() == 0:
@@ -156,8 +156,6 @@ def _set_aside_steps(manager: ocp.CheckpointManager, steps: list[int]) -> None:
             src.rename(dest)
             log.warning("moved unreadable checkpoint %s to %s (not deleted)", src, dest)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("glide_jax_set_aside_unreadable_done")
     manager.reload()
 
@@ -174,8 +172,6 @@ def set_aside(workdir: str) -> epath.Path | None:
         if (src.parent / "config.json").exists():
             (src.parent / "config.json").rename(dest / "config.json")
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("glide_jax_set_aside_checkpoints")
     return dest
 

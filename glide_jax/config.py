@@ -1,27 +1,33 @@
-"""The default experiment config; every file in configs/ starts from `default_config()`.
+"""The default experiment config; every file in configs/ starts from `default_config(kind)`.
 
-Sections: model (GLIDE constructor hyper-parameters as `model.hparams`, compute dtype, remat;
-the diffusion schedule is `hparams.noise_schedule` / `diffusion_steps`, as in GLIDE), tokenizer, data, optim, train, mesh, sample. Configs are data: no code path is
-selected by anything but these fields.
+Sections: model (the kind's hyper-parameters as `model.hparams`, with that kind's defaults;
+compute dtype, remat, kernels; the diffusion schedule is `hparams.noise_schedule` /
+`diffusion_steps`, as in GLIDE), tokenizer, data, optim, train, mesh (axis sizes and the
+logical-axis sharding rules), sample. Configs are data: no code path is selected by anything
+but these fields. Loaders apply `glide_jax.experiment.finalize`, which fills the fields that
+follow from others (data.image_size / text_ctx from the model) and checks the rest.
 """
 from __future__ import annotations
 
 import ml_collections
 
-from glide_jax.models import hparams_with_defaults
+from glide_jax import sharding
+from glide_jax.experiment import hparams_with_defaults
 
-def default_config() -> ml_collections.ConfigDict:
+
+def default_config(kind: str = "base") -> ml_collections.ConfigDict:
+    """Defaults of every section, with `kind`'s hyper-parameters (the released model's)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""  # a converted/exported params dir to fine-tune from
 
     c.model = ml_collections.ConfigDict()
-    c.model.hparams = ml_collections.ConfigDict(hparams_with_defaults("base"))  # the released base
+    c.model.hparams = ml_collections.ConfigDict(hparams_with_defaults(kind))
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    # 3x3 convolutions: "auto" = Winograd F(4x4,3x3) on the CPU backend in float32 (faster there,
-    # README "Benchmarks"), XLA's convolution elsewhere; "xla" / "winograd" force one.
-    c.model.conv_algorithm = "auto"
+    # "auto" = "cpu" on the CPU backend (Winograd convolutions, fused GroupNorm backward, hash
+    # dropout masks), "xla" elsewhere (XLA's own ops); resolved when the config is loaded.
+    c.model.kernels = "auto"
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.name = "glide_bpe"  # glide_bpe | clip_bpe | sentencepiece
@@ -30,9 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic_shapes"
     c.data.data_dir = ""  # "" = WORKDIR/../data or ~/tensorflow_datasets
-    c.data.image_size = 64
+    c.data.image_size = 0  # 0 = the model's (finalize fills it); any other value must agree
     c.data.low_res_size = 0
-    c.data.text_ctx = 128
+    c.data.text_ctx = 0  # 0 = the model's caption length
     c.data.batch_size = 8  # global
     c.data.seed = 0
     c.data.num_workers = 0
@@ -41,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.noise_aug_std = 0.0
     c.data.mask = "none"
     c.data.train_examples = 0  # synthetic_shapes: 0 = builder default
+    # A damaged ArrayRecord shard (missing, truncated, failing its checksums) stops training at
+    # start with an error naming it; True leaves such shards out instead (logged and counted).
+    c.data.skip_damaged_shards = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
@@ -64,11 +73,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 5000
     c.train.max_bad_steps = 20
     c.train.async_checkpoint = True
+    # Several processes: how often (in steps) they agree on whether any got SIGTERM; each agreement
+    # is one small all-gather. All stop at the same step, at most this many steps after the signal.
+    c.train.preempt_check_every = 10
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
+    # logical axis -> mesh axes (None = replicated), see glide_jax.sharding; FSDP by default
+    c.mesh.rules = [(name, list(t) if isinstance(t, tuple) else t) for name, t in sharding.DEFAULT_RULES]
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ["a red circle", "a blue square"]
@@ -77,14 +91,3 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ddpm"
     return c
 
-
-def diffusion_of(hparams) -> tuple[str, int]:
-    """(noise schedule name, number of training steps) of a model's hyper-parameters.
-
-    UNets carry GLIDE's `noise_schedule` / `diffusion_steps`; the noised CLIP its
-    `beta_schedule` / `n_timesteps`; the classifier neither (cosine, 1000 as in ADM-G).
-    """
-    get = hparams.get
-    name = get("noise_schedule") or get("beta_schedule") or "squaredcos_cap_v2"
-    steps = int(get("diffusion_steps") or get("n_timesteps") or 1000)
-    return name, steps

@@ -1,4 +1,6 @@
-"""Load an experiment config (`configs/NAME.py` with `get_config()`) by name or path."""
+"""Load an experiment config by name (`shapes_tiny`, a file shipped in `glide_jax/configs/`) or
+by path (`configs/X.py`, any file with `get_config()`); every loader finalizes the result
+(`glide_jax.experiment.finalize`), so a loaded config is consistent and names its kernels."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,26 +8,33 @@ import pathlib
 
 import ml_collections
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+from glide_jax import experiment
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def known() -> list[str]:
+    return sorted(f.stem for f in CONFIGS_DIR.glob("*.py") if not f.stem.startswith("_"))
 
 
 def resolve(name_or_path: str) -> pathlib.Path:
+    """A config file's path: an existing .py path as given, else the shipped config of that name."""
     p = pathlib.Path(name_or_path)
     if p.suffix == ".py" and p.is_file():
         return p
     candidate = CONFIGS_DIR / f"{p.stem}.py"
-    if candidate.is_file():
+    if candidate.is_file() and p.stem != "__init__":
         return candidate
-    known = sorted(f.stem for f in CONFIGS_DIR.glob("*.py"))
-    raise FileNotFoundError(f"no config {name_or_path!r}; known configs: {known}")
+    raise FileNotFoundError(f"no config {name_or_path!r}; known configs: {known()}")
 
 
 def load(name_or_path: str, *, lock: bool = True) -> ml_collections.ConfigDict:
+    """get_config() of the file, finalized (and locked)."""
     path = resolve(name_or_path)
     spec = importlib.util.spec_from_file_location(f"glide_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = experiment.finalize(module.get_config())
     if lock:
         config.lock()
     return config

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+from absl import logging as absl_logging
+
 NOISY = ("absl", "orbax", "jax", "tensorflow_datasets", "grain", "etils")
 
 
@@ -11,9 +13,4 @@ def setup_logging(verbose: bool = False) -> None:
     if not verbose:
         for name in NOISY:
             logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
-    except ImportError:
-        pass
+    absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)

@@ -22,12 +22,16 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from glide_jax import pt_reader
+from glide_jax import experiment, host, pt_reader
 
 __all__ = [
     "KINDS",
@@ -43,7 +47,7 @@ __all__ = [
 
 Path = tuple[str, ...]
 
-KINDS = ("base", "upsample", "base-inpaint", "upsample-inpaint", "clip", "classifier")
+KINDS = tuple(experiment.KINDS)
 
 # PyTorch leaf name -> Flax leaf names to try, in order (the first present in the Flax tree wins).
 _LEAF_NAMES = {
@@ -98,8 +102,6 @@ class ConversionError(ValueError):
 
 
 def _unbox(tree: Any) -> Any:
-    import flax.linen as nn  # lazy: keeps `--help` and the reader free of jax start-up
-
     return nn.meta.unbox(tree)
 
 
@@ -280,53 +282,17 @@ def flax_to_torch(params: Any, like: Mapping[str, Any] | None = None, prefix: It
 
 # ----------------------------------------------------------------------------- hyper-parameters
 
-_GLIDE_DEFAULTS = dict(
-    image_size=64, num_channels=192, num_res_blocks=3, channel_mult="", num_heads=1,
-    num_head_channels=64, num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1,
-    text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
-    diffusion_steps=1000, noise_schedule="squaredcos_cap_v2", timestep_respacing="",
-    use_scale_shift_norm=True, resblock_updown=True, use_fp16=False, cache_text_emb=False,
-    inpaint=False, super_res=False,
-)
-_UPSAMPLE = dict(image_size=256, num_res_blocks=2, noise_schedule="linear", super_res=True)
-_CLIP_DEFAULTS = dict(
-    logit_scale=100.0, beta_schedule="squaredcos_cap_v2", n_timesteps=1000, image_size=64,
-    patch_size=4, n_vocab=65536, max_text_len=77, n_embd=512, n_head_state_text=64, n_head_text=8,
-    n_xf_blocks_text=12, n_head_state_image=64, n_head_image=12, n_xf_blocks_image=12,
-)
-_CLASSIFIER_DEFAULTS = dict(  # guided-diffusion's released 64x64 ImageNet classifier
-    image_size=64, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=4,
-    attention_resolutions=[2, 4, 8], dropout=0.0, channel_mult=[1, 2, 3, 4], conv_resample=True,
-    dims=2, use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=64,
-    num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True,
-    use_new_attention_order=False, pool="attention",
-)
-
 
 def default_hparams(kind: str) -> dict:
-    """The released models' hyper-parameters for `kind` (GLIDE's model_and_diffusion_defaults)."""
+    """The released checkpoint's hyper-parameters for `kind` (`experiment.RELEASED`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if kind == "clip":
-        d = dict(_CLIP_DEFAULTS)
-    elif kind == "classifier":
-        d = dict(_CLASSIFIER_DEFAULTS)
-    else:
-        d = dict(_GLIDE_DEFAULTS)
-        if kind.startswith("upsample"):
-            d.update(_UPSAMPLE)
-        d["inpaint"] = kind.endswith("inpaint")
-    d["kind"] = kind
-    return d
+    return dict(experiment.PRESETS[experiment.RELEASED[kind]])
 
 
 def _with_defaults(kind: str, hparams: Mapping[str, Any]) -> dict:
-    from glide_jax import models
-
-    merge = getattr(models, "hparams_with_defaults", None)
-    full = dict(merge(kind, dict(hparams))) if merge is not None else dict(hparams)
-    # The models' own defaults win; ours fill whatever they leave out (e.g. the CLIP keys).
-    return {**default_hparams(kind), **full, "kind": kind}
+    """The released `kind`'s hyper-parameters overridden by `hparams`."""
+    return {**default_hparams(kind), **dict(hparams), "kind": kind}
 
 
 # ----------------------------------------------------------------------------- files
@@ -337,15 +303,8 @@ class CliError(Exception):
 
 
 def _abstract_params(hparams: Mapping[str, Any]) -> Any:
-    import jax
-
-    from glide_jax import models
-
-    build = getattr(models, "from_hparams", None)
-    if build is None:
-        raise CliError("glide_jax.models.from_hparams is not available in this version")
     try:
-        module = build(dict(hparams))
+        module = experiment.from_hparams(dict(hparams))
     except (ValueError, TypeError, KeyError) as e:
         raise CliError(f"cannot build the {hparams.get('kind')} model from these hyper-parameters: "
                        f"{type(e).__name__}: {e}") from None
@@ -362,13 +321,17 @@ def _clip_role(sd: Mapping[str, Any], path: str) -> str:
 
 
 def convert_files(kind: str, hparams: Mapping[str, Any], paths: list[str]) -> dict:
-    """Read the `.pt` file(s) of `kind` and return Flax params (nested dicts of float32 numpy)."""
-    n_files = 2 if kind == "clip" else 1
-    if len(paths) != n_files:
-        what = "an image and a text encoder file" if kind == "clip" else "exactly one file"
+    """Read the `.pt` file(s) of `kind` and return Flax params (nested dicts of float32 numpy).
+
+    A kind released as one file converts it whole; the noised CLIP's two encoder files are told
+    apart by their keys and converted under their parameter prefixes.
+    """
+    roles = experiment.get_kind(kind).release_files
+    if len(paths) != len(roles):
+        what = "exactly one file" if len(roles) == 1 else " and ".join(f"a {r} file" for r in roles)
         raise CliError(f"--kind {kind} takes {what}, got {len(paths)}")
     abstract = _abstract_params(hparams)
-    if kind != "clip":
+    if len(roles) == 1:
         return torch_to_flax(pt_reader.to_float32(pt_reader.load_state_dict(paths[0])), abstract)
     params: dict = {}
     seen = {}
@@ -381,7 +344,7 @@ def convert_files(kind: str, hparams: Mapping[str, Any], paths: list[str]) -> di
         _merge(params, torch_to_flax(sd, abstract, prefix=(role,)))
     left = [_slash(p) for p in _flatten(abstract) if p not in _flatten(params)]
     if left:
-        raise ConversionError(left, [], [], context="clip")
+        raise ConversionError(left, [], [], context=kind)
     return params
 
 
@@ -390,28 +353,66 @@ def _has_checkpoint(out_dir: str) -> bool:
 
 
 def save_converted(out_dir: str, hparams: Mapping[str, Any], params: Mapping, force: bool = False) -> None:
-    """Write DIR/config.json and DIR/params (orbax StandardCheckpointer)."""
-    import orbax.checkpoint as ocp
+    """Write DIR/config.json and DIR/params (orbax StandardCheckpointer), atomically.
 
+    Both are written into `DIR.tmp-<pid>` first and moved into DIR when complete, config.json
+    last (a DIR without it does not load). With `force` an existing checkpoint in DIR is moved
+    to a new `DIR.old-<pid>-*` only once the new one is complete, put back if moving the new one
+    in fails, and deleted once the new one is in place. A kill at any point leaves DIR holding
+    the old checkpoint, the new one, or none (and then the old one is in `DIR.old-*`).
+    """
     out_dir = os.path.abspath(out_dir)
-    if _has_checkpoint(out_dir):
-        if not force:
-            raise CliError(f"{out_dir} already holds a converted checkpoint (use --force to overwrite)")
-        shutil.rmtree(os.path.join(out_dir, "params"), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(out_dir, "params"), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-        json.dump(dict(hparams), fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    if _has_checkpoint(out_dir) and not force:
+        raise CliError(f"{out_dir} already holds a converted checkpoint (use --force to overwrite)")
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a partial write of an earlier process with this pid
+    os.makedirs(tmp)
+    names = ("config.json", "params")
+
+    def put_back(old: str) -> None:  # the old checkpoint into DIR again, over a part of the new one
+        for name in names:
+            src, dst = os.path.join(old, name), os.path.join(out_dir, name)
+            if os.path.exists(src):
+                if os.path.isdir(dst):
+                    shutil.rmtree(dst)
+                elif os.path.exists(dst):
+                    os.remove(dst)
+                os.rename(src, dst)
+        os.rmdir(old)
+
+    try:
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            ckptr.save(os.path.join(tmp, "params"), params)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(dict(hparams), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)  # one rename: DIR appears whole
+            return
+        old = tempfile.mkdtemp(prefix=f"{os.path.basename(out_dir)}.old-{os.getpid()}-",
+                               dir=os.path.dirname(out_dir))
+        try:
+            for name in names:  # config.json first: DIR stops loading at once
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.rename(os.path.join(out_dir, name), os.path.join(old, name))
+            for name in reversed(names):  # config.json last: it completes the new one
+                os.rename(os.path.join(tmp, name), os.path.join(out_dir, name))
+        except BaseException:
+            put_back(old)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_converted(out_dir: str) -> tuple[dict, dict]:
     """Read back (hparams, params) written by `save_converted` / the command line."""
-    import orbax.checkpoint as ocp
-
     out_dir = os.path.abspath(out_dir)
     with open(os.path.join(out_dir, "config.json")) as fh:
         hparams = json.load(fh)
@@ -482,4 +483,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

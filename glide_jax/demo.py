@@ -16,6 +16,11 @@ import time
 
 import numpy as np
 
+from glide_jax import configs_loader, host, images
+from glide_jax.console import setup_logging
+from glide_jax.sample import load_for_sampling, sample_images
+from glide_jax.train import TrainingError, train_and_evaluate
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glide_jax.demo", description=__doc__.splitlines()[0])
@@ -23,13 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--config", default=None, help="config file (default configs/shapes_tiny.py)")
     args = parser.parse_args(argv)
-    from glide_jax.console import setup_logging
 
     setup_logging()
 
-    from glide_jax import configs_loader, images
-    from glide_jax.sample import load_for_sampling, sample_images
-    from glide_jax.train import TrainingError, train_and_evaluate
 
     config = configs_loader.load(args.config or "shapes_tiny")
     full_steps = config.train.num_steps
@@ -66,4 +67,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

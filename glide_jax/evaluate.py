@@ -27,15 +27,23 @@ import sys
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
+
+from glide_jax import fid as fid_lib
+from glide_jax import host, images
+from glide_jax.console import setup_logging
+from glide_jax.data import shapes
+from glide_jax.diffusion import guidance as G
+from glide_jax.diffusion import sampling
+from glide_jax.sample import (SampleError, load_for_sampling, respacing_for, sample_images, schedule_for,
+                              upsample_images)
 
 log = logging.getLogger("glide_jax.evaluate")
 
 
 def heldout_captions(n: int, *, single_fraction: float = 0.5, seed: int = 0) -> list[str]:
     """n captions: a fraction of single-object captions, the rest held-out two-object scenes."""
-    from glide_jax.data import shapes
-
     rng = np.random.default_rng(seed)
     n_single = int(round(n * single_fraction))
     out = []
@@ -50,8 +58,6 @@ def heldout_captions(n: int, *, single_fraction: float = 0.5, seed: int = 0) -> 
 
 def adherence_scores(captions: Sequence[str], images: np.ndarray) -> dict[str, float]:
     """Fractions of images whose detected colours / full scene match their caption. images uint8."""
-    from glide_jax.data import shapes
-
     colour_ok, scene_ok = [], []
     for text, image in zip(captions, images):
         spec = shapes.parse_caption(text)
@@ -64,9 +70,6 @@ def adherence_scores(captions: Sequence[str], images: np.ndarray) -> dict[str, f
 def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: str, sampler: str,
               seed: int = 0, batch: int = 32, grid_path: str | None = None) -> dict:
     """Samples `n` held-out captions at each guidance scale and scores them."""
-    from glide_jax import images
-    from glide_jax.sample import load_for_sampling
-
     model, params, tok, cfg = load_for_sampling(checkpoint)
     captions = heldout_captions(n, seed=seed)
     results = {"n": n, "respacing": respacing, "sampler": sampler, "scales": {}}
@@ -94,10 +97,6 @@ def fid(checkpoint: str, *, captions_file: str, reference: str, inception: str, 
         respacing: str, sampler: str, batch: int = 16, seed: int = 0, upsample: str | None = None,
         inception_params=None) -> dict:
     """COCO-style zero-shot FID/KID: N captions -> N CFG samples -> Inception features vs reference."""
-    from glide_jax import fid as fid_lib
-    from glide_jax import images
-    from glide_jax.sample import load_for_sampling, sample_images, upsample_images
-
     captions = [l.strip() for l in pathlib.Path(captions_file).read_text().splitlines() if l.strip()]
     if not captions:
         raise ValueError(f"{captions_file} holds no captions")
@@ -135,15 +134,13 @@ def fid(checkpoint: str, *, captions_file: str, reference: str, inception: str, 
 
 
 def _sample_uint8(model, params, tok, cfg, captions: Sequence[str], *, scale: float, respacing: str,
+                  cfg_interval: tuple[int, int] | None = None,
                   sampler: str, seed: int, batch: int) -> np.ndarray:
     """uint8 [len(captions), S, S, 3] samples, `batch` captions per call (seed + offset per call)."""
-    from glide_jax import images
-    from glide_jax.sample import sample_images
-
     return np.concatenate([
         images.to_uint8(sample_images(model, params, tok, captions[i:i + batch], hparams=cfg.hparams,
                                       guidance_scale=scale, respacing=respacing, sampler=sampler,
-                                      seed=seed + i))
+                                      seed=seed + i, cfg_interval=cfg_interval))
         for i in range(0, len(captions), batch)])
 
 
@@ -153,15 +150,19 @@ def _split_kinds(captions: Sequence[str]) -> tuple[list[int], list[int]]:
     return single, [i for i in range(len(captions)) if i not in set(single)]
 
 
-def parse_settings(text: str) -> list[tuple[str, int]]:
-    """"ddpm:100,dpm++:10" -> [("ddpm", 100), ("dpm++", 10)]; ValueError on a bad item."""
+def parse_settings(text: str) -> list[tuple[str, int, tuple[int, int] | None]]:
+    """"ddpm:100,unipc:15@200-800" -> [("ddpm", 100, None), ("unipc", 15, (200, 800))]: sampler,
+    model evaluations, and the optional CFG interval in original timesteps; ValueError on a bad item."""
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        sampler, _, steps = item.partition(":")
-        if sampler not in ("ddpm", "ddim", "dpm++") or not steps.isdigit() or int(steps) < 1:
-            raise ValueError(f"--settings item {item!r}: want SAMPLER:STEPS with SAMPLER one of "
-                             "ddpm, ddim, dpm++ and STEPS a positive integer")
-        out.append((sampler, int(steps)))
+        sampler, _, rest = item.partition(":")
+        steps, _, interval = rest.partition("@")
+        lo, _, hi = interval.partition("-")
+        if (sampler not in sampling.SAMPLERS or not steps.isdigit() or int(steps) < 1
+                or (interval and not (lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)))):
+            raise ValueError(f"--settings item {item!r}: want SAMPLER:STEPS[@LO-HI] with SAMPLER one of "
+                             f"{', '.join(sampling.SAMPLERS)}, STEPS a positive integer and LO <= HI timesteps")
+        out.append((sampler, int(steps), (int(lo), int(hi)) if interval else None))
     if not out:
         raise ValueError("--settings is empty")
     return out
@@ -170,40 +171,43 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
 def steps_sweep(checkpoint: str, *, n: int, scale: float, settings: Sequence[tuple[str, int]],
                 seed: int = 0, batch: int = 32) -> dict:
     """Adherence and sampling wall time of each (sampler, steps) at guidance `scale`."""
-    import jax
-
-    from glide_jax.sample import load_for_sampling, respacing_for
 
     model, params, tok, cfg = load_for_sampling(checkpoint)
     captions = heldout_captions(n, seed=seed)
     single, pair = _split_kinds(captions)
     rows = []
-    for sampler, steps in settings:
-        respacing = respacing_for(sampler, str(steps))
-
-        kwargs = dict(scale=scale, respacing=respacing, sampler=sampler, seed=seed, batch=batch)
+    for sampler, steps, interval in settings:
+        respacing = respacing_for(sampler, str(steps), cfg.hparams)
+        sched = schedule_for(cfg.hparams, respacing)
+        kwargs = dict(scale=scale, respacing=respacing, sampler=sampler, seed=seed, batch=batch, cfg_interval=interval)
         _sample_uint8(model, params, tok, cfg, captions[:batch], **kwargs)  # compile outside the timing
         t0 = time.perf_counter()
         pics = _sample_uint8(model, params, tok, cfg, captions, **kwargs)
         seconds = time.perf_counter() - t0
         scores = adherence_scores(captions, pics)
-        rows.append(dict(sampler=sampler, steps=steps, seconds=seconds, seconds_per_image=seconds / n,
+        uncond = G.unconditional_rows(sched, 1, interval, sampler=sampler) if scale > 0 else 0
+        rows.append(dict(sampler=sampler, steps=steps, evaluations=sampling.evaluations(sampler, sched),
+                         cfg_interval=list(interval) if interval else None, uncond_rows_per_image=uncond,
+                         seconds=seconds, seconds_per_image=seconds / n,
                          colour=scores["colour"], scene=scores["scene"],
                          colour_single=adherence_scores([captions[i] for i in single], pics[single])["colour"],
                          colour_heldout_pairs=adherence_scores([captions[i] for i in pair], pics[pair])["colour"]))
-        log.info("%s-%d: %s", sampler, steps, rows[-1])
+        log.info("%s-%d%s: %s", sampler, steps, f"@{interval}" if interval else "", rows[-1])
     return {"n": n, "scale": scale, "batch": batch, "backend": jax.default_backend(), "rows": rows,
             "table": steps_table(rows, n=n, scale=scale)}
 
 
 def steps_table(rows: Sequence[dict], *, n: int, scale: float) -> str:
     """Markdown table of a steps sweep."""
-    lines = [f"| sampler | steps | wall time for {n} images (s) | colour adherence, CFG {scale:g} "
-             "| singles | held-out pairs | full scene |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    names = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm++": "DPM-Solver++(2M)"}
+    lines = [f"| sampler | model evaluations | CFG interval | unconditional rows / image | wall time for {n} "
+             f"images (s) | colour adherence, CFG {scale:g} | singles | held-out pairs | full scene |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm++": "DPM-Solver++(2M)", "sde-dpm++": "SDE-DPM-Solver++(2M)",
+             "unipc": "UniPC (bh2)", "restart": "Restart"}
     for r in rows:
-        lines.append(f"| {names[r['sampler']]} | {r['steps']} | {r['seconds']:.1f} | {r['colour']:.0%} "
+        interval = "all" if not r.get("cfg_interval") else f"{r['cfg_interval'][0]}-{r['cfg_interval'][1]}"
+        lines.append(f"| {names[r['sampler']]} | {r.get('evaluations', r['steps'])} | {interval} "
+                     f"| {r.get('uncond_rows_per_image', '')} | {r['seconds']:.1f} | {r['colour']:.0%} "
                      f"| {r['colour_single']:.0%} | {r['colour_heldout_pairs']:.0%} | {r['scene']:.0%} |")
     return "\n".join(lines)
 
@@ -216,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--n", type=int, default=96)
     a.add_argument("--scales", default="0,3")
     a.add_argument("--steps", default="50")
-    a.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm++"))
+    a.add_argument("--sampler", default="ddpm", choices=sampling.SAMPLERS)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--grid", default=None, help="write a PNG of the first 8 captions per scale")
     a.add_argument("--json", action="store_true")
@@ -225,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     st.add_argument("--n", type=int, default=96)
     st.add_argument("--scale", type=float, default=3.0)
     st.add_argument("--settings", default="ddpm:100,ddim:50,dpm++:10,dpm++:15,dpm++:25",
-                    help="comma-separated SAMPLER:STEPS (samplers ddpm, ddim, dpm++)")
+                    help="comma-separated SAMPLER:STEPS[@LO-HI] (STEPS = model evaluations; LO-HI = CFG only for "
+                         "those original timesteps)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--batch", type=int, default=32)
     st.add_argument("--json", action="store_true")
@@ -237,14 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--n", type=int, default=30000)
     f.add_argument("--scale", type=float, default=1.5)
     f.add_argument("--steps", default="100")
-    f.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm++"))
+    f.add_argument("--sampler", default="ddpm", choices=sampling.SAMPLERS)
     f.add_argument("--upsample", default=None)
     f.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from glide_jax.console import setup_logging
 
     setup_logging()
-    from glide_jax.sample import SampleError, respacing_for
 
     try:
         if args.command == "adherence":
@@ -269,4 +272,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

@@ -15,7 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
+
+from glide_jax.models.inception import InceptionV3, load_inception_params
 
 __all__ = [
     "frechet_distance",
@@ -165,9 +169,6 @@ class InceptionFeatures:
     """
 
     def __init__(self, params: Any, batch_size: int = 50, resize_to: int | None = 299, progress: bool = True):
-        import jax
-
-        from glide_jax.models.inception import InceptionV3
 
         self.batch_size = batch_size
         self.progress = progress
@@ -178,8 +179,6 @@ class InceptionFeatures:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> "InceptionFeatures":
         """From pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`."""
-        from glide_jax.models.inception import load_inception_params
-
         return cls(load_inception_params(path), **kwargs)
 
     def _batches(self, images: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
@@ -201,8 +200,6 @@ class InceptionFeatures:
         Returns:
           float32 [N, 2048].
         """
-        from tqdm.auto import tqdm
-
         total = images.shape[0] if isinstance(images, np.ndarray) else None
         out, pending = [], None  # fetch batch i-1 while batch i runs
         with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:

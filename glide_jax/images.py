@@ -1,6 +1,7 @@
 """Image helpers: [-1, 1] float <-> uint8, captioned PNG grids."""
 from __future__ import annotations
 
+import os
 import pathlib
 import textwrap
 from typing import Sequence
@@ -66,9 +67,21 @@ def grid(images: np.ndarray, captions: Sequence[str] | None = None, *, cols: int
 
 
 def save_png(path: str | pathlib.Path, image: np.ndarray) -> pathlib.Path:
+    """Writes `image` (uint8 [H, W, 3]) to `path` atomically: into a temporary file next to it,
+    then renamed over it, so `path` holds the old file or the whole new one, never a part."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(image)).save(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            Image.fromarray(np.asarray(image)).save(fh, format=Image.registered_extensions().get(
+                path.suffix.lower(), "PNG"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from glide_jax.diffusion import gaussian
+from glide_jax.models.clip import clip_contrastive_loss
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -75,8 +76,6 @@ def classifier_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dic
 
 def clip_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict]:
     """Noised-CLIP symmetric contrastive loss between noisy images and their captions."""
-    from glide_jax.models.clip import clip_contrastive_loss
-
     x_t, t = noised_images(sched, batch["image"], rng)
     lens = jnp.sum(batch["mask"].astype(jnp.int32), axis=-1)
     variables = {"params": params}

@@ -10,6 +10,8 @@ import time
 from typing import Mapping
 
 import numpy as np
+from etils import epath
+from PIL import Image
 
 
 class MetricWriter:
@@ -21,7 +23,6 @@ class MetricWriter:
         self._jsonl = None
         if not enabled:
             return
-        from etils import epath
 
         path = epath.Path(logdir)
         path.mkdir(parents=True, exist_ok=True)
@@ -50,11 +51,16 @@ class MetricWriter:
 
             self._event(step, [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in clean.items()])
 
+    def record(self, step: int, **fields) -> None:
+        """One JSON line of non-scalar facts about the run (e.g. the kernels and backend it runs)."""
+        if self.enabled:
+            self._jsonl.write(json.dumps({"step": int(step), **fields}, sort_keys=True) + "\n")
+            self._jsonl.flush()
+
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """image: uint8 [H, W, 3]."""
         if not self.enabled or self._tb is None:
             return
-        from PIL import Image
         from tensorboard.compat.proto import summary_pb2
 
         buf = io.BytesIO()

@@ -34,6 +34,12 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
+import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: whether the fake device count can still apply
+
+from glide_jax import bench, configs_loader, experiment, host, sharding, train
+
 AXES = ("data", "fsdp", "tensor")
 DEFAULT_CHIP = "v4"
 GIB = 2**30
@@ -66,24 +72,7 @@ def _set_fake_devices(n: int) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-def _build_model(config):
-    """config.model -> network, with remat mapped onto the kind's own switch.
-
-    Convolutions are planned as XLA's own ("xla"): the plan stands for the accelerator program,
-    and "auto" would pick the CPU-only Winograd path on the fake CPU devices.
-    """
-    import jax.numpy as jnp
-
-    from glide_jax import models
-
-    return models.build(config.model.hparams.to_dict(), jnp.dtype(config.model.dtype),
-                        remat=config.model.get("remat", False), conv_algorithm="xla")
-
-
 def _leaf_bytes(tree, shardings) -> int:
-    import jax
-    import numpy as np
-
     total = 0
     for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
         total += int(np.prod(sh.shard_shape(leaf.shape))) * leaf.dtype.itemsize
@@ -97,14 +86,8 @@ def residual_bytes(model, kind: str, sched, params, batch: int) -> int:
     Only batch-major residuals (leading dimension a multiple of `batch`) are counted; the others
     are parameter casts. Backend independent, and it honours remat, unlike XLA:CPU's temp size.
     """
-    import jax
-    import numpy as np
-
-    from glide_jax import bench
-    from glide_jax.losses import loss_for_kind
-
-    loss_fn = loss_for_kind(kind)
-    shapes = bench.abstract_batch(model, kind, batch)
+    loss_fn = experiment.get_kind(kind).loss
+    shapes = experiment.abstract_batch(model, kind, batch)
 
     def vjp_of(p, b, k):
         return jax.vjp(lambda p: loss_fn(p, b, k, model=model, sched=sched)[0], p)[1]
@@ -116,13 +99,11 @@ def residual_bytes(model, kind: str, sched, params, batch: int) -> int:
 
 def plan(config, mesh_sizes: Mapping[str, int], *, hbm_gib: float, batch: int | None = None,
          micro_batches: int | None = None) -> dict[str, Any]:
-    """Compiles config's train step for the mesh (needs that many jax devices) and sizes it."""
-    import jax
-    import numpy as np
+    """Compiles config's train step for the mesh (needs that many jax devices) and sizes it.
 
-    from glide_jax import bench, sharding, train
-    from glide_jax.train_state import make_optimizer
-
+    Convolutions and norms are planned with the "xla" kernels: the plan stands for the
+    accelerator program, and the CPU kernels would be picked on the fake CPU devices.
+    """
     n = math.prod(mesh_sizes.values())
     mesh = sharding.make_mesh(mesh_sizes, jax.devices()[:n])
     dp = sharding.data_parallel_size(mesh)
@@ -134,22 +115,19 @@ def plan(config, mesh_sizes: Mapping[str, int], *, hbm_gib: float, batch: int | 
         raise PlanError(f"batch {batch} / {micro} micro-batches does not split evenly over {dp} devices")
     config.data.batch_size = batch
     config.train.micro_batches = micro
+    config.model.kernels = "xla"
     kind = config.model.hparams.kind
 
-    model = _build_model(config)
-    tx = make_optimizer(config.optim)
-    sched = train.build_schedule(config)
+    setup = experiment.setup_state(config, mesh, abstract_only=True)
+    model, state, state_sh = setup.model, setup.abstract, setup.shardings
+    sched = experiment.schedule_for(config.model.hparams)
     rng = jax.random.PRNGKey(0)
-    boxed, _ = train.abstract_state(model, tx, model.init_inputs(1), rng)
-    state_sh = train.state_shardings(boxed, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), train.unbox(boxed),
-                         state_sh)
-    shapes = bench.abstract_batch(model, kind, batch)
-    batch_sh = {k: sharding.batch_sharding(mesh, len(s.shape)) for k, s in shapes.items()}
+    shapes = experiment.abstract_batch(model, kind, batch)
+    batch_sh = {k: sharding.batch_sharding(mesh, len(s.shape), config.mesh.rules) for k, s in shapes.items()}
     data = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sh[k]) for k, s in shapes.items()}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rng_abstract = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)
-    step_fn = train.make_jitted_step(config, model, sched, tx, state_sh, batch_sh, mesh, pad_id=0)
+    step_fn = train.make_jitted_step(config, model, setup.tx, state_sh, batch_sh, mesh, pad_id=0)
 
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, data, rng_abstract)
@@ -237,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n = math.prod(sizes.values())
         if args.devices and args.devices != n:
             raise PlanError(f"mesh {sizes} needs {n} devices, but --devices {args.devices} were given")
-        if "jax" in sys.modules:
+        if xla_bridge.backends_are_initialized():
             # The fake device count only takes effect before jax starts: run in a fresh process.
             env = dict(os.environ)
             _set_fake_devices(n)
@@ -247,9 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _set_fake_devices(n)
-    from glide_jax import bench, configs_loader
-    from glide_jax.sharding import MeshError
-
     try:
         if args.hbm_gib:
             hbm, hbm_source = args.hbm_gib, "--hbm-gib"
@@ -263,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.model.remat = args.remat == "on"
         result = plan(config, sizes, hbm_gib=hbm, batch=args.batch or None,
                       micro_batches=args.micro_batches or None)
-    except (PlanError, MeshError, FileNotFoundError) as e:
+    except (PlanError, sharding.MeshError, FileNotFoundError, experiment.SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(config=args.config, hbm_source=hbm_source)
@@ -272,4 +247,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

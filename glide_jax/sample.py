@@ -26,15 +26,20 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from tqdm import tqdm
 
+from glide_jax import checkpoint, experiment, host, images, sharding
+from glide_jax.console import setup_logging
+from glide_jax.convert import load_converted
 from glide_jax.diffusion import guidance as G
 from glide_jax.diffusion import sampling, schedules
 
 log = logging.getLogger("glide_jax.sample")
 
-UNET_KINDS = ("base", "upsample", "base-inpaint", "upsample-inpaint")
-GUIDANCE = ("none", "cfg", "clip", "classifier")
+# "cfg" needs no second network; the others are named after the guide kind whose score they use.
+GUIDANCE = ("none", "cfg") + experiment.GUIDES
 
 
 class SampleError(ValueError):
@@ -60,8 +65,6 @@ class _StepProgress:
 
     @contextlib.contextmanager
     def bar(self, total: int, desc: str = "sampling"):
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
         try:
             yield self._bar
@@ -76,11 +79,11 @@ _PROGRESS = _StepProgress()
 @functools.partial(
     jax.jit,
     static_argnames=("model", "sampler", "eta", "guidance", "clip_denoised", "inpaint_known", "return_all",
-                     "guide_model", "progress"),
+                     "guide_model", "progress", "cfg_interval", "cfg_schedule", "threshold"),
 )
 def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide_inputs, *,
               model, sampler, eta, guidance, clip_denoised, inpaint_known, return_all, guide_model,
-              progress=False):
+              progress=False, cfg_interval=None, cfg_schedule=None, threshold=None):
     text = None
     model_inputs = dict(inputs)
     tokens = model_inputs.pop("tokens", None)
@@ -95,27 +98,28 @@ def _generate(params, inputs, x_T, noise, rng, scale, sched, guide_params, guide
         return model.apply({"params": params}, x, t, text=text, **model_inputs)
 
     if guidance == "cfg":
-        model_fn = G.classifier_free(model_fn, scale)
+        n = x_T.shape[0] // 2
+        cond_text = None if text is None else jax.tree.map(lambda a: a[:n], text)
+        cond_inputs = {k: v[:n] for k, v in model_inputs.items()}
+
+        def cond_model_fn(x, t):  # the conditional rows alone (outside the guidance interval)
+            if progress:
+                jax.debug.callback(_PROGRESS.tick, t[0])
+            return model.apply({"params": params}, x, t, text=cond_text, **cond_inputs)
+
+        model_fn = G.classifier_free(model_fn, scale, interval=cfg_interval, scale_schedule=cfg_schedule,
+                                     cond_model_fn=cond_model_fn)
     cond_fn = None
-    if guidance == "clip":
-        def score(x, t):
-            image_emb = guide_model.apply({"params": guide_params}, x, t, method="image_embeddings")
-            return guide_model.config.logit_scale * jnp.sum(image_emb * guide_inputs["text_emb"], axis=-1)
-
-        cond_fn = G.gradient_cond_fn(score, scale)
-    elif guidance == "classifier":
-        def score(x, t):
-            logits = guide_model.apply({"params": guide_params}, x, t).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return jnp.take_along_axis(logp, guide_inputs["y"][:, None], axis=-1)[:, 0]
-
-        cond_fn = G.gradient_cond_fn(score, scale)
+    if guidance in experiment.GUIDES:
+        guide_score = experiment.KINDS[guidance].guide_score
+        cond_fn = G.gradient_cond_fn(lambda x, t: guide_score(guide_model, guide_params, x, t, guide_inputs), scale)
     denoised_fn = None
     if inpaint_known:
         denoised_fn = G.inpaint_denoised_fn(inputs["inpaint_image"], inputs["inpaint_mask"])
     return sampling.sample_loop(
         model_fn, sched, x_T, sampler=sampler, eta=eta, rng=rng, noise=noise,
         clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, return_all=return_all,
+        threshold=threshold,
     )
 
 
@@ -149,6 +153,9 @@ def generate(
     guide_inputs: Mapping[str, Any] | None = None,
     return_all: bool = False,
     progress: bool = False,
+    cfg_interval: tuple[int, int] | None = None,
+    cfg_schedule: str | None = None,
+    threshold: str | None = None,
 ):
     """Runs the reverse process of `model` (a Text2ImUNet) on B rows.
 
@@ -158,16 +165,21 @@ def generate(
         guidance="cfg" the rows are GLIDE's [conditional n; unconditional n] (B = 2n) and the
         first n rows of the result are the guided samples.
       sched: a respaced schedule (`schedules.make_schedule(name, steps, respacing)`).
-      sampler: "ddpm" (ancestral, learned variance), "ddim" (eta), or "dpm++" (2M).
-      guidance: "none", "cfg" (scale = guidance scale), "clip" / "classifier" (scale = gradient
-        scale; guide_model/guide_params/guide_inputs = the noised CLIP with `text_emb` [B, D],
-        or the classifier with labels `y` [B]).
+      sampler: one of `sampling.SAMPLERS`: "ddpm" (ancestral, learned variance), "ddim" (eta),
+        "dpm++" (2M), "sde-dpm++" (stochastic 2M), "unipc" (order 2), "restart".
+      guidance: "none", "cfg" (scale = guidance scale), or a guide kind, "clip" / "classifier"
+        (scale = gradient scale; guide_model/guide_params/guide_inputs = the noised CLIP with
+        `text_emb` [B, D], or the classifier with labels `y` [B]).
       rng: key for x_T and the step noises (unused for what `x_T` / `noise` give explicitly).
       x_T: optional starting sample [B, S, S, 3] (already multiplied by the temperature).
       noise: optional explicit per-step noise [N, B, S, S, 3].
       temperature: multiplies a drawn x_T (GLIDE's upsampler uses 0.997).
       inpaint_known: force the known region (inpaint_mask = 1) back into every x̂₀.
       progress: show a progress bar over the denoising steps (stderr).
+      cfg_interval: (t_lo, t_hi) in original timesteps: CFG only there; elsewhere the
+        unconditional rows are not computed (`guidance.classifier_free`).
+      cfg_schedule: the CFG scale over t (None/"constant", "linear", "cosine").
+      threshold: None (clip_denoised decides), "none", "clip" or "dynamic" (Imagen).
     Returns:
       samples [B, S, S, 3] (and all steps [N, B, S, S, 3] with return_all).
     """
@@ -188,42 +200,43 @@ def generate(
         noise = jnp.asarray(noise, jnp.float32)
     if jax.device_count() > 1 and batch % jax.device_count() == 0:
         # data-parallel sampling: rows over every device, weights replicated (jit propagates it)
-        from glide_jax import sharding
-
         mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
         params, guide_params = _on_all_devices(mesh, (params, guide_params))
         inputs = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in inputs.items()}
         x_T = jax.device_put(x_T, sharding.batch_sharding(mesh, x_T.ndim))
         if noise is not None:
-            noise = jax.device_put(noise, jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(None, (sharding.DATA, sharding.FSDP))))
+            noise = jax.device_put(noise, sharding.batch_sharding(mesh, noise.ndim, leading=1))
     run = functools.partial(
         _generate,
         params, inputs, x_T, noise, loop_rng, jnp.asarray(scale, jnp.float32), sched, guide_params, dict(guide_inputs or {}),
         model=model, sampler=sampler, eta=float(eta), guidance=guidance, clip_denoised=clip_denoised,
         inpaint_known=inpaint_known, return_all=return_all, guide_model=guide_model, progress=progress,
+        cfg_interval=None if cfg_interval is None else tuple(int(v) for v in cfg_interval),
+        cfg_schedule=cfg_schedule, threshold=threshold,
     )
     if not progress:
         return run()
-    with _PROGRESS.bar(sched.num_timesteps):
+    with _PROGRESS.bar(sampling.evaluations(sampler, sched)):
         return jax.block_until_ready(run())
 
 
 # ---------------------------------------------------------------------------- convenience
 
 
-def schedule_for(hparams: Mapping[str, Any], respacing: str) -> schedules.Schedule:
-    from glide_jax.config import diffusion_of
-
-    name, steps = diffusion_of(hparams)
-    return schedules.make_schedule(name, steps, str(respacing))
+schedule_for = experiment.schedule_for
 
 
-def respacing_for(sampler: str, steps: int | str) -> str:
-    """`--steps N` -> the respacing string ("ddimN" for DDIM, so its steps are evenly strided)."""
+def respacing_for(sampler: str, steps: int | str, hparams: Mapping[str, Any] | None = None) -> str:
+    """`--steps N` (model evaluations) -> the respacing string: "ddimN" for DDIM (evenly strided),
+    "N" for ddpm / dpm++, and for the newer samplers the spacing that suits them
+    (`sampling.timesteps_for`: uniform in λ for sde-dpm++ and unipc; restart's N steps spend
+    at most N evaluations). A respacing string (e.g. "fast27") is passed through."""
     if isinstance(steps, str) and not steps.isdigit():
         return steps
-    return f"ddim{int(steps)}" if sampler == "ddim" else str(int(steps))
+    if sampler in ("ddpm", "ddim", "dpm++") or hparams is None:
+        return f"ddim{int(steps)}" if sampler == "ddim" else str(int(steps))
+    name, num_steps = experiment.diffusion_of(hparams)
+    return sampling.timesteps_for(sampler, int(steps), num_steps, noise_schedule=name)
 
 
 def text_inputs(tok, prompts: Sequence[str], text_ctx: int, *, cfg: bool) -> dict[str, np.ndarray]:
@@ -238,7 +251,7 @@ def sample_images(
     guidance_scale: float = 0.0, respacing: str = "50", sampler: str = "ddpm", seed: int = 0,
     eta: float = 0.0, temperature: float = 1.0, low_res: np.ndarray | None = None,
     inpaint_image: np.ndarray | None = None, inpaint_mask: np.ndarray | None = None,
-    progress: bool = False,
+    progress: bool = False, cfg_interval: tuple[int, int] | None = None, threshold: str | None = None,
 ) -> np.ndarray:
     """Samples one image per prompt; CFG when guidance_scale > 0. Returns [n, S, S, 3] in [-1, 1]."""
     if not prompts:
@@ -255,19 +268,38 @@ def sample_images(
         model, params, inputs, sched=schedule_for(hparams, respacing), sampler=sampler,
         guidance="cfg" if cfg else "none", scale=guidance_scale, eta=eta, temperature=temperature,
         rng=jax.random.PRNGKey(seed), inpaint_known=inpaint_image is not None, progress=progress,
+        cfg_interval=cfg_interval if cfg else None, threshold=threshold,
     )
     return np.asarray(out)[: len(prompts)]
 
 
-def _gradient_guided(base, guide, prompts, *, guidance, guide_inputs, scale, respacing, seed, temperature,
-                     progress):
+def guided_images(base, guide, prompts: Sequence[str], *, guidance: str, labels: Sequence[int] = (),
+                  scale: float = 1.0, respacing: str = "100", seed: int = 0, temperature: float = 1.0,
+                  progress: bool = False) -> np.ndarray:
     """Ancestral sampling of the conditional base model with the mean shifted by
-    variance · scale · ∇ₓ score(x_t, t) of a guide network (GLIDE's CLIP / ADM classifier guidance)."""
+    variance · scale · ∇ₓ score(x_t, t) of a guide network: GLIDE's CLIP guidance (score =
+    logit_scale·⟨image_emb(x_t, t), text_emb⟩) or ADM classifier guidance (score = log p(y | x_t, t),
+    one label per prompt).
+
+    Args:
+      base, guide: bundles (model, params, tokenizer, cfg) from `load_for_sampling`.
+      guidance: the guide's kind ("clip" or "classifier").
+    Returns:
+      [n, S, S, 3] in [-1, 1].
+    """
+    if not prompts:
+        raise SampleError("no prompts given")
     model, params, tok, cfg = base
-    guide_model, guide_params, _, guide_cfg = guide
+    guide_model, guide_params, guide_tok, guide_cfg = guide
+    if not experiment.get_kind(cfg.hparams).is_generator or experiment.get_kind(guide_cfg.hparams).name != guidance:
+        raise SampleError(f"{guidance} guidance needs a UNet checkpoint and a {guidance} checkpoint (--{guidance})")
     if guide_cfg.hparams.get("image_size") != cfg.hparams.get("image_size"):
         raise SampleError(f"the {guidance} model sees {guide_cfg.hparams.get('image_size')} px images, the base "
                           f"model makes {cfg.hparams.get('image_size')} px")
+    try:
+        guide_inputs = experiment.KINDS[guidance].guide_inputs(guide_model, guide_params, guide_tok, prompts, labels)
+    except experiment.SetupError as e:
+        raise SampleError(str(e)) from None
     return np.asarray(generate(
         model, params, text_inputs(tok, prompts, model.config.text_ctx, cfg=False),
         sched=schedule_for(cfg.hparams, respacing), sampler="ddpm", guidance=guidance, scale=scale,
@@ -276,51 +308,22 @@ def _gradient_guided(base, guide, prompts, *, guidance, guide_inputs, scale, res
     ))
 
 
-def clip_guided_images(base, clip, prompts: Sequence[str], *, scale: float = 3.0, respacing: str = "100",
-                       seed: int = 0, temperature: float = 1.0, progress: bool = False) -> np.ndarray:
-    """GLIDE's CLIP guidance with the noised CLIP: score = logit_scale·⟨image_emb(x_t, t), text_emb⟩.
-
-    Args:
-      base, clip: bundles (model, params, tokenizer, cfg) from `load_for_sampling`.
-    Returns:
-      [n, S, S, 3] in [-1, 1].
-    """
-    if not prompts:
-        raise SampleError("no prompts given")
-    clip_model, clip_params, clip_tok, clip_cfg = clip
-    if base[3].hparams["kind"] not in UNET_KINDS or clip_cfg.hparams.get("kind") != "clip":
-        raise SampleError("CLIP guidance needs a UNet checkpoint and a noised-CLIP checkpoint (--clip)")
-    clip_tokens, clip_lens = clip_tok.encode_batch(list(prompts))
-    text_emb = clip_model.apply({"params": clip_params}, jnp.asarray(clip_tokens), jnp.asarray(clip_lens),
-                                method="text_embeddings")
-    return _gradient_guided(base, clip, prompts, guidance="clip", guide_inputs={"text_emb": text_emb},
-                            scale=scale, respacing=respacing, seed=seed, temperature=temperature,
-                            progress=progress)
+def clip_guided_images(base, clip, prompts: Sequence[str], **kwargs) -> np.ndarray:
+    """GLIDE's CLIP guidance with a noised CLIP (`guided_images` with guidance="clip")."""
+    kwargs.setdefault("scale", 3.0)
+    return guided_images(base, clip, prompts, guidance="clip", **kwargs)
 
 
-def classifier_guided_images(base, classifier, prompts: Sequence[str], labels: Sequence[int], *,
-                             scale: float = 1.0, respacing: str = "100", seed: int = 0, temperature: float = 1.0,
-                             progress: bool = False) -> np.ndarray:
-    """ADM classifier guidance: score = log p(y | x_t, t) of the noisy classifier, one label per prompt."""
-    if not prompts:
-        raise SampleError("no prompts given")
-    if classifier[3].hparams.get("kind") != "classifier":
-        raise SampleError("classifier guidance needs a noisy-classifier checkpoint (--classifier)")
-    n_classes = int(classifier[3].hparams.get("out_channels", 0))
-    labels = list(labels) if len(labels) != 1 else list(labels) * len(prompts)
-    if len(labels) != len(prompts) or any(not 0 <= y < n_classes for y in labels):
-        raise SampleError(f"give one --label in [0, {n_classes}) (or one per prompt)")
-    return _gradient_guided(base, classifier, prompts, guidance="classifier",
-                            guide_inputs={"y": jnp.asarray(labels, jnp.int32)}, scale=scale,
-                            respacing=respacing, seed=seed, temperature=temperature, progress=progress)
+def classifier_guided_images(base, classifier, prompts: Sequence[str], labels: Sequence[int],
+                             **kwargs) -> np.ndarray:
+    """ADM classifier guidance (`guided_images` with guidance="classifier")."""
+    return guided_images(base, classifier, prompts, guidance="classifier", labels=labels, **kwargs)
 
 
 def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: str = "fast27",
                     temperature: float = 0.997, seed: int = 0, progress: bool = False) -> np.ndarray:
     """GLIDE's upsampling stage: low [n, s, s, 3] in [-1, 1], quantised to 8 bit as the reference
     does, -> [n, S, S, 3] from the super-resolution model (ancestral, fast27, temperature 0.997)."""
-    from glide_jax import images
-
     up_model, up_params, up_tok, up_cfg = up
     if not getattr(up_model.config, "super_res", False):
         raise SampleError(f"{up_cfg.hparams.get('kind')} is not an upsampler checkpoint")
@@ -345,64 +348,50 @@ def cascade(base, up, prompts: Sequence[str], *, guidance_scale: float = 3.0, ba
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def load_for_sampling(path: str):
-    """(model, params, tokenizer, config-like) from a training workdir or a converted release."""
-    from glide_jax import checkpoint, models
-    from glide_jax.tokenizer import GlideBPE, SentencePieceTokenizer
+def _is_converted(p: pathlib.Path) -> bool:
+    return (p / "params").exists() and (p / "config.json").exists() and not (p / "checkpoints").exists()
 
+
+def load_for_sampling(path: str):
+    """(model, params, tokenizer, config-like) from a training workdir or a converted release.
+
+    The tokenizer is the model kind's (`experiment.tokenizer_for`): a noised CLIP reads CLIP's
+    BPE, a UNet GLIDE's BPE or the sentencepiece model it was trained with.
+    """
     p = pathlib.Path(path)
     if not p.exists() and "://" not in path:
         raise SampleError(f"checkpoint {path} does not exist")
-    converted = (p / "params").exists() and (p / "config.json").exists() and not (p / "checkpoints").exists()
-    if converted:
-        from glide_jax.convert import load_converted
-
+    if _is_converted(p):
         hparams, params = load_converted(path)
-        if hparams.get("kind") == "clip":
-            from glide_jax.tokenizer import ClipBPE
-
-            tok = ClipBPE(max_len=int(hparams.get("max_text_len", 77)))
-        else:
-            tok = GlideBPE(text_ctx=int(hparams.get("text_ctx", 128)))
-        model = models.from_hparams(hparams)
-        return model, params, tok, _Cfg(hparams)
+        return (experiment.build(hparams, kernels="auto"), params, experiment.tokenizer_for(hparams),
+                _Cfg(hparams))
     cfg_json = checkpoint.read_config(path)
     if cfg_json is None:
         raise SampleError(f"{path} is neither a training workdir (config.json + checkpoints/) nor a converted "
                           "checkpoint (config.json + params/)")
-    import ml_collections
-
-    from glide_jax.train import abstract_state, build_model, unbox
-    from glide_jax.train_state import make_optimizer
-
     config = ml_collections.ConfigDict(cfg_json)
-    model = build_model(config)
-    hparams = config.model.hparams.to_dict()
-    manager = checkpoint.make_manager(path, async_save=False)
-    if not manager.all_steps():
-        raise SampleError(f"{path} has no checkpoint yet")
-    tx = make_optimizer(config.optim)
-    boxed, _ = abstract_state(model, tx, model.init_inputs(batch=1), jax.random.PRNGKey(0))
+    config.model.kernels = "auto"  # the kernels of this backend; they never change the parameters
     try:
-        step, state, _, _ = checkpoint.restore_latest(manager, unbox(boxed))
-    except checkpoint.UnreadableCheckpointsError as e:
+        experiment.finalize(config)
+        manager = checkpoint.make_manager(path, async_save=False)
+        if not manager.all_steps():
+            raise SampleError(f"{path} has no checkpoint yet")
+        setup = experiment.setup_state(config, manager=manager)
+        if not setup.restored:
+            raise SampleError(f"{path} has no readable checkpoint")
+    except experiment.SetupError as e:
         raise SampleError(str(e)) from None
-    if config.tokenizer.name == "sentencepiece":
-        tok = SentencePieceTokenizer(config.tokenizer.model_file, text_ctx=config.data.text_ctx)
-    else:
-        tok = GlideBPE(text_ctx=config.data.text_ctx)
-    log.info("loaded EMA params of step %d from %s", step, path)
-    return model, state.ema_params, tok, _Cfg(hparams)
+    hparams = config.model.hparams.to_dict()
+    log.info("loaded EMA params of step %d from %s", setup.step, path)
+    return setup.model, setup.state.ema_params, experiment.tokenizer_for(hparams, config.tokenizer), _Cfg(hparams)
 
 
 def read_hparams(path: str) -> dict:
     """The model hyper-parameters of a workdir or converted checkpoint, without loading weights."""
-    from glide_jax import checkpoint
-
     p = pathlib.Path(path)
     if not p.exists() and "://" not in path:
         raise SampleError(f"checkpoint {path} does not exist")
-    if (p / "params").exists() and (p / "config.json").exists() and not (p / "checkpoints").exists():
+    if _is_converted(p):
         try:
             return dict(json.loads((p / "config.json").read_text()))
         except (ValueError, OSError) as e:
@@ -423,8 +412,6 @@ def load_inpaint_inputs(image_path: str, mask_path: str, hparams: Mapping[str, A
     Raises SampleError when the model is not an inpainting one, a file is not an image, its size
     is not the model's S x S, or the mask is not black and white.
     """
-    from glide_jax import images
-
     kind = hparams.get("kind", "base")
     if not (hparams.get("inpaint") or kind.endswith("inpaint")):
         raise SampleError(f"--inpaint needs an inpainting model; this checkpoint is a {kind!r} model")
@@ -440,6 +427,16 @@ def load_inpaint_inputs(image_path: str, mask_path: str, hparams: Mapping[str, A
         raise SampleError(f"{mask_path}: the mask has colours; expected a black-and-white image (white = keep)")
     keep = (mask[None, ..., :1] >= 128).astype(np.float32)
     return images.from_uint8(image)[None], keep
+
+
+def _interval(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two integers), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
 
 
 def _finite_float(text: str) -> float:
@@ -466,15 +463,20 @@ class _Cfg:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from glide_jax import images
-
     parser = argparse.ArgumentParser(prog="python -m glide_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint dir")
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
     parser.add_argument("--guidance", choices=GUIDANCE, default="cfg")
     parser.add_argument("--scale", type=_finite_float, default=3.0, help="guidance scale")
     parser.add_argument("--steps", default="50", help="sampling steps (or a respacing string, e.g. fast27)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++"), default="ddpm", help="ddpm (ancestral, GLIDE default), ddim (eta 0), dpm++ (2M)")
+    parser.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm",
+                        help="ddpm (ancestral, GLIDE default), ddim (eta 0), dpm++ (2M), sde-dpm++ (stochastic 2M), "
+                             "unipc (order 2), restart; --steps counts model evaluations")
+    parser.add_argument("--cfg-interval", metavar="LO,HI", type=_interval, default=None,
+                        help="classifier-free guidance only for original timesteps LO..HI (0..999); elsewhere the "
+                             "unconditional half is not computed")
+    parser.add_argument("--threshold", choices=sampling.THRESHOLDS, default=None,
+                        help="x0 thresholding: clip (default), none, dynamic (Imagen, percentile 0.995)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="grid.png")
     parser.add_argument("--individual", action="store_true", help="also write each image as OUT_<i>.png")
@@ -488,19 +490,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.inpaint is None) != (args.mask is None):
         parser.error("--inpaint and --mask go together")
-    if args.guidance == "clip" and not args.clip:
-        parser.error("--guidance clip needs --clip DIR (a noised-CLIP checkpoint)")
-    if args.guidance == "classifier" and (not args.classifier or not args.label):
-        parser.error("--guidance classifier needs --classifier DIR and --label Y")
-    from glide_jax.console import setup_logging
-
+    if args.guidance in experiment.GUIDES:
+        guide = experiment.KINDS[args.guidance]
+        if not getattr(args, args.guidance) or (guide.labels and not args.label):
+            parser.error(f"--guidance {args.guidance} needs --{args.guidance} DIR (a {args.guidance} checkpoint)"
+                         + (" and --label Y" if guide.labels else ""))
     setup_logging()
     try:
         if not args.prompt:
             raise SampleError("no --prompt given")
         # everything checkable without the weights is checked before loading them
         hparams = read_hparams(args.checkpoint)
-        respacing = respacing_for(args.sampler, args.steps)
+        respacing = respacing_for(args.sampler, args.steps, hparams)
         try:
             schedule_for(hparams, respacing)
         except ValueError as e:
@@ -513,17 +514,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_for_sampling(args.checkpoint)
         model, params, tok, cfg = base
         t0 = time.perf_counter()
-        if args.guidance == "clip":
-            x = clip_guided_images(base, load_for_sampling(args.clip), args.prompt, scale=args.scale,
-                                   respacing=respacing, seed=args.seed, progress=True)
-        elif args.guidance == "classifier":
-            x = classifier_guided_images(base, load_for_sampling(args.classifier), args.prompt, args.label,
-                                         scale=args.scale, respacing=respacing, seed=args.seed, progress=True)
+        if args.guidance in experiment.GUIDES:
+            guide = load_for_sampling(getattr(args, args.guidance))
+            x = guided_images(base, guide, args.prompt, guidance=args.guidance, labels=args.label, scale=args.scale,
+                              respacing=respacing, seed=args.seed, progress=True)
         else:
             x = sample_images(
                 model, params, tok, args.prompt, hparams=cfg.hparams,
                 guidance_scale=args.scale if args.guidance == "cfg" else 0.0,
-                respacing=respacing, sampler=args.sampler, seed=args.seed, progress=True, **inpaint,
+                respacing=respacing, sampler=args.sampler, seed=args.seed, progress=True,
+                cfg_interval=args.cfg_interval, threshold=args.threshold, **inpaint,
             )
         if args.upsample:
             x = upsample_images(load_for_sampling(args.upsample), args.prompt, x, seed=args.seed + 1, progress=True)
@@ -541,4 +541,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_for_cli()
     sys.exit(main())

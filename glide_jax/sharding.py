@@ -1,13 +1,16 @@
-"""Device mesh, logical-axis rules and the shardings of state and batches.
+"""Device mesh, logical-axis rules and the shardings of state, batches and activations.
 
 One mesh with axes (`data`, `fsdp`, `tensor`). Model code names parameter axes logically
-(`glide_jax.models.layers`); `DEFAULT_RULES` maps them to mesh axes. FSDP is the default:
-every kernel's input dimension is split over `fsdp`, the batch over (`data`, `fsdp`), so
-params + EMA + Adam state of a multi-billion-parameter model are spread over all chips.
-A dimension that a mesh axis does not divide is replicated along that axis instead.
+(`glide_jax.models.layers`) and constrains activations at block boundaries to the logical
+`batch` axis; the rules (`config.mesh.rules`, data: a list of (logical name, mesh axis or axes
+or None)) map them to mesh axes, converted with flax's `logical_to_mesh_axes`. FSDP is the
+default (`DEFAULT_RULES`): every kernel's input dimension is split over `fsdp`, the batch over
+(`data`, `fsdp`), so params + EMA + Adam state of a multi-billion-parameter model are spread
+over all chips. A dimension that a mesh axis does not divide is replicated along that axis.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +23,7 @@ from glide_jax.models import layers
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 MESH_AXES = (DATA, FSDP, TENSOR)
-BATCH = "batch"
+BATCH = layers.BATCH
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -76,14 +79,49 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def _spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules: Rules) -> P:
-    """PartitionSpec for one array; axes that do not divide a dimension are dropped."""
-    table = dict(rules)
+def mesh_from_config(mesh_config: Mapping[str, Any], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of `config.mesh` (its axis sizes; `rules` are not axes)."""
+    return make_mesh({a: mesh_config[a] for a in MESH_AXES if a in mesh_config}, devices)
+
+
+def normalize_rules(rules: Rules | None) -> tuple[tuple[str, Any], ...]:
+    """Rules as flax wants them (tuples; lists from a JSON-saved config become tuples)."""
+    if rules is None:
+        return tuple(DEFAULT_RULES)
+    out = []
+    for rule in rules:
+        name, target = rule
+        if isinstance(target, (list, tuple)):
+            target = tuple(target)
+        out.append((str(name), target))
+    return tuple(out)
+
+
+class RulesError(ValueError):
+    """Sharding rules that name unknown logical or mesh axes."""
+
+
+def check_rules(rules: Rules | None) -> None:
+    """Raises RulesError (one line) for a rule that is not (logical name, mesh axes)."""
+    known_logical = {BATCH, layers.IN, layers.OUT, layers.VOCAB, layers.EMBED, layers.POSITION, layers.NORM}
+    for rule in rules or ():
+        if len(rule) != 2:
+            raise RulesError(f"mesh.rules: {rule!r} is not a (logical axis, mesh axes) pair")
+        name, target = rule
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        if name not in known_logical:
+            raise RulesError(f"mesh.rules: unknown logical axis {name!r}; known: {sorted(known_logical)}")
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise RulesError(f"mesh.rules: {name!r} -> unknown mesh axes {bad}; the axes are {list(MESH_AXES)}")
+
+
+def _divisible(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops, per dimension, the mesh axes that do not divide it (or have size 1)."""
     used: set[str] = set()
-    spec = []
-    for dim, name in zip(shape, names):
-        target = table.get(name) if name is not None else None
-        axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
         kept = []
         for ax in axes:
             size = mesh.shape[ax]
@@ -92,31 +130,56 @@ def _spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rul
             if dim % (math.prod(mesh.shape[a] for a in kept) * size) == 0:
                 kept.append(ax)
         used.update(kept)
-        spec.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
-    return P(*spec)
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return P(*out)
 
 
-def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+def spec_for(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules: Rules | None = None) -> P:
+    """PartitionSpec of one array with logical axis `names` (flax's conversion, then axes that
+    do not divide their dimension are dropped)."""
+    spec = nn.logical_to_mesh_axes(tuple(names), normalize_rules(rules))
+    return _divisible(spec, shape, mesh)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """NamedShardings for a (boxed) abstract tree; unboxed leaves without names are replicated.
 
     Args:
       abstract_tree: output of `jax.eval_shape` whose leaves may be `nn.LogicallyPartitioned`.
+      rules: logical -> mesh axes (`config.mesh.rules`); None = DEFAULT_RULES.
     Returns:
       The same (unboxed) structure with a NamedSharding per leaf.
     """
 
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
-            value = leaf.value
-            return NamedSharding(mesh, _spec_for(value.shape, leaf.names, mesh, rules))
+            return NamedSharding(mesh, spec_for(leaf.value.shape, leaf.names, mesh, rules))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) axis over every data-parallel mesh axis, the rest replicated."""
-    return NamedSharding(mesh, P((DATA, FSDP), *([None] * (ndim - 1))))
+def batch_axes(mesh: Mesh, rules: Rules | None = None) -> Any:
+    """The mesh axes the leading (batch) axis is split over, per the rules' `batch` entry."""
+    entry = nn.logical_to_mesh_axes((BATCH,), normalize_rules(rules))[0]
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules: Rules | None = None, *, leading: int = 0) -> NamedSharding:
+    """Batch axis (after `leading` unsharded axes) over the rules' batch axes, the rest replicated."""
+    spec = [None] * leading + [batch_axes(mesh, rules)] + [None] * (ndim - leading - 1)
+    return NamedSharding(mesh, P(*spec))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules | None = None):
+    """Context in which the models' `layers.constrain_batch` calls become sharding constraints
+    on `mesh` (outside it they are no-ops). Enter it inside the jitted function, around the
+    trace (the abstract mesh is what may be set under jit)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(normalize_rules(rules)):
+        yield
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -245,6 +245,33 @@ class ClipBPE:
 SPM_PAD, SPM_UNK = "<pad>", "<unk>"
 
 
+class ClipTokens:
+    """CLIP's BPE with the (tokens, mask) batch interface of the other tokenizers.
+
+    What the noised CLIP reads, in training and in guidance alike: rows of [start] + ids + [end]
+    right-padded with 0, mask True over start..end (`lens` = mask.sum(-1)).
+    """
+
+    pad_id = 0
+
+    def __init__(self, max_len: int = CLIP_MAX_LEN):
+        self.bpe = ClipBPE(max_len=max_len)
+        self.text_ctx = max_len
+
+    def encode(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], text_ctx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32 [B, max_len], mask bool [B, max_len]); `text_ctx` must be None or max_len."""
+        if text_ctx is not None and text_ctx != self.text_ctx:
+            raise ValueError(f"the CLIP tokenizer makes {self.text_ctx} tokens per caption, not {text_ctx}")
+        tokens, lens = self.bpe.encode_batch(list(texts))
+        return tokens, np.arange(tokens.shape[1])[None, :] < lens[:, None]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.bpe.decode(ids)
+
+
 class SentencePieceTokenizer:
     """A SentencePiece model with a dedicated pad piece (see `train_sentencepiece`)."""
 

@@ -1,6 +1,11 @@
-"""Test-session settings: float32 matmuls at full precision, a persistent compilation cache."""
+"""Test-session settings: float32 matmuls at full precision, a persistent compilation cache, and
+the XLA:CPU flags the command-line tools run with (`glide_jax.host`; the re-exec is theirs only)."""
 import os
 import pathlib
+
+from glide_jax import host
+
+host.apply()
 
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))

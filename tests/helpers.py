@@ -3,7 +3,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from glide_jax import models
+from glide_jax import experiment
 
 TINY_UNET = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", num_head_channels=32,
                  attention_resolutions="8", dropout=0.0, text_ctx=8, xf_width=32, xf_layers=1, xf_heads=2)
@@ -24,8 +24,8 @@ def random_checkpoint(kind: str, out, hparams: dict | None = None) -> None:
     """A converted-format checkpoint (config.json + orbax params) with random, non-zero weights."""
     from glide_jax.convert import save_converted
 
-    full = models.hparams_with_defaults(kind, hparams or TINY[kind])
-    model = models.from_hparams(full)
+    full = experiment.hparams_with_defaults(kind, hparams or TINY[kind])
+    model = experiment.from_hparams(full)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **model.init_inputs(1))["params"])
     leaves, tree = jax.tree.flatten(params)  # zero-initialised output layers: perturb everything
     rng = np.random.default_rng(0)

@@ -40,12 +40,12 @@ def test_train_json(capsys, hparams_file):
     assert r["min_step_s"] <= r["per_step_s"]
 
 
-def test_model_flops_do_not_depend_on_the_conv_algorithm(capsys, hparams_file):
-    """flops_per_step counts direct convolutions whichever algorithm runs; executed FLOPs differ."""
+def test_model_flops_do_not_depend_on_the_kernels(capsys, hparams_file):
+    """flops_per_step counts direct convolutions whichever kernels run; executed FLOPs differ."""
     runs = {a: _run(capsys, ["train", "--hparams", hparams_file, "--batch", "2", "--steps", "1",
-                             "--conv-algorithm", a, "--json"]) for a in ("xla", "winograd")}
+                             "--kernels", a, "--json"]) for a in ("xla", "winograd")}
     xla, wino = runs["xla"], runs["winograd"]
-    assert wino["conv_algorithm"] == "winograd"
+    assert wino["kernels"] == "winograd" and xla["kernels"] == "xla"
     assert wino["flops_per_step"] == pytest.approx(xla["flops_per_step"], rel=1e-6)
     assert xla["executed_flops_per_step"] == pytest.approx(xla["flops_per_step"], rel=0.05)
     assert wino["executed_flops_per_step"] < 0.9 * xla["executed_flops_per_step"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from glide_jax.models import PRESETS, from_hparams
+from glide_jax.experiment import PRESETS, from_hparams
 from glide_jax.models.layers import AttentionBlock
 from glide_jax.models.unet import EncoderUNet, EncoderUNetConfig
 from glide_jax.parity import classifier as classifier_parity

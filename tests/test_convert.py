@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glide_jax import convert, models
+from glide_jax import convert, experiment
 from glide_jax.convert import ConversionError, flax_to_torch, torch_to_flax
 from glide_jax.pt_reader import load_state_dict, to_float32
 from pt_writer import write_pt, write_raw_pt
@@ -243,8 +243,7 @@ def fake_models(monkeypatch):
         built.append(dict(hparams))
         return ClipPair() if hparams["kind"] == "clip" else TinyNet()
 
-    monkeypatch.setattr(models, "from_hparams", from_hparams, raising=False)
-    monkeypatch.delattr(models, "hparams_with_defaults", raising=False)
+    monkeypatch.setattr(experiment, "from_hparams", from_hparams)
     return built
 
 
@@ -337,9 +336,7 @@ FIXTURE_KINDS = [("base", ["model.pt"]), ("upsample", ["model.pt"]), ("base-inpa
 
 @pytest.mark.parametrize("kind, files", FIXTURE_KINDS)
 def test_fixture_converts_with_real_models(kind, files):
-    """End to end against glide_jax.models (skipped until `models.from_hparams` exists)."""
-    if not hasattr(models, "from_hparams"):
-        pytest.skip("glide_jax.models.from_hparams not available yet")
+    """End to end against the networks the experiment layer builds for each kind."""
     folder = FIXTURES / kind
     raw = json.loads((folder / "hparams.json").read_text())
     hparams = convert._with_defaults(kind, raw)

@@ -27,8 +27,10 @@ def test_adherence_scores_on_rendered_truth_and_on_wrong_images():
 
 
 def test_parse_settings():
-    assert evaluate.parse_settings("ddpm:100, dpm++:10,ddim:50") == [("ddpm", 100), ("dpm++", 10), ("ddim", 50)]
-    for bad in ("", "euler:10", "ddpm", "ddpm:0", "ddpm:x"):
+    assert evaluate.parse_settings("ddpm:100, dpm++:10,ddim:50") == [("ddpm", 100, None), ("dpm++", 10, None),
+                                                                      ("ddim", 50, None)]
+    assert evaluate.parse_settings("unipc:15@200-800") == [("unipc", 15, (200, 800))]
+    for bad in ("", "euler:10", "ddpm", "ddpm:0", "ddpm:x", "unipc:10@800-200", "unipc:10@a-b"):
         with pytest.raises(ValueError):
             evaluate.parse_settings(bad)
 
@@ -37,13 +39,17 @@ def test_steps_sweep_and_adherence_on_a_tiny_checkpoint(tmp_path, capsys):
     from helpers import random_checkpoint
 
     random_checkpoint("base", tmp_path / "ckpt")
-    out = evaluate.steps_sweep(str(tmp_path / "ckpt"), n=4, scale=3.0, settings=[("ddpm", 3), ("dpm++", 2)],
-                               batch=2)
-    assert [(r["sampler"], r["steps"]) for r in out["rows"]] == [("ddpm", 3), ("dpm++", 2)]
+    out = evaluate.steps_sweep(str(tmp_path / "ckpt"), n=4, scale=3.0,
+                               settings=[("ddpm", 3, None), ("dpm++", 2, None), ("unipc", 4, (0, 500))], batch=2)
+    assert [(r["sampler"], r["steps"]) for r in out["rows"]] == [("ddpm", 3), ("dpm++", 2), ("unipc", 4)]
     for r in out["rows"]:
         assert r["seconds"] > 0 and 0 <= r["colour"] <= 1 and 0 <= r["colour_heldout_pairs"] <= 1
+    assert [r["evaluations"] for r in out["rows"]] == [3, 2, 4]
+    # full CFG: one unconditional row per image per evaluation; the interval skips the noisiest steps
+    assert out["rows"][0]["uncond_rows_per_image"] == 3 and 0 < out["rows"][2]["uncond_rows_per_image"] < 4
     table = out["table"].splitlines()
-    assert len(table) == 4 and table[2].startswith("| DDPM | 3 |") and "DPM-Solver++" in table[3]
+    assert len(table) == 5 and table[2].startswith("| DDPM | 3 | all | 3 |") and "DPM-Solver++" in table[3]
+    assert table[4].startswith("| UniPC (bh2) | 4 | 0-500 |")
 
     res = evaluate.adherence(str(tmp_path / "ckpt"), n=4, scales=[0.0, 3.0], respacing="3", sampler="ddpm",
                              batch=2, grid_path=str(tmp_path / "grid.png"))

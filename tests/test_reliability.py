@@ -407,7 +407,7 @@ def test_sample_cli_bad_arguments(baseline, tmp_path):
 def _fake_inpaint_checkpoint(path, size=16):
     """A converted-checkpoint directory (config.json + params/) of an inpainting model; the CLI
     checks the inputs against config.json before it reads any weight."""
-    from glide_jax.models import hparams_with_defaults
+    from glide_jax.experiment import hparams_with_defaults
 
     path.mkdir()
     (path / "params").mkdir()
@@ -457,3 +457,116 @@ def test_inpaint_inputs_parse():
     assert x.shape == (1, 8, 8, 3) and keep.shape == (1, 8, 8, 1)
     np.testing.assert_allclose(x[0, 0, 0], [1.0, -1.0, -1.0])
     assert (keep[0, :, :4] == 0).all() and (keep[0, :, 4:] == 1).all()
+
+
+# ------------------------------------------------------------------ workdir lock and a full disk
+
+def assert_same_state(workdir, baseline, step=STEPS):
+    got, got_data = restore(workdir, step)
+    want, want_data = restore(baseline, step)
+    assert got_data == want_data == {"step": step}
+    flat_got, flat_want = jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+    differ = [jax.tree_util.keystr(p) for (p, a), (_, b) in zip(flat_got, flat_want) if not np.array_equal(a, b)]
+    assert [p for p, _ in flat_got] == [p for p, _ in flat_want] and not differ, differ[:5]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_second_trainer_on_a_live_workdir_is_refused_untouched(baseline, tmp_path):
+    """Two trainers on one workdir: the second exits 1 with one error line naming the holder and
+    changes no byte there; the first trains on, its metrics steps strictly increasing."""
+    workdir = tmp_path / "run"
+    log = tmp_path / "first.log"
+    with open(log, "w") as err:
+        first = subprocess.Popen(train_cmd(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_for(lambda: "step compiled in" in log.read_text(), first, 400, "the first trainer to compile")
+            first.send_signal(signal.SIGSTOP)  # frozen: whatever changes in the workdir now is the second's doing
+            before = tree_digest(workdir)
+            names_before = sorted(p.name for p in workdir.rglob("*"))
+            second = run(train_cmd(workdir), timeout=300)
+            assert tree_digest(workdir) == before and sorted(p.name for p in workdir.rglob("*")) == names_before
+        finally:
+            first.send_signal(signal.SIGCONT)
+        rc = first.wait(timeout=400)
+    clean_failure(second, rc_ok=lambda rc: rc == 1)
+    lines = error_lines(second.stderr)
+    assert len(lines) == 1, second.stderr[-2000:]
+    assert f"pid {first.pid}" in lines[0] and "in use by another trainer" in lines[0] and "glide_jax.train" in lines[0]
+    assert rc == 0, log.read_text()[-3000:]
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+    assert_same_state(workdir, baseline)
+    assert not (workdir / ".glide_jax.lock").exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_force_new_never_breaks_a_live_lock(tmp_path):
+    """--force_new on a workdir another live process has locked is refused like any second trainer."""
+    workdir = tmp_path / "run"
+    code = ("import sys, time; from glide_jax.workdir import WorkdirLock; "
+            "lock = WorkdirLock(sys.argv[1], command='python -m glide_jax.train (the holder)'); lock.acquire(); "
+            "print('locked', flush=True); time.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree_digest(workdir)
+        proc = run(train_cmd(workdir, "--force_new"), timeout=300)
+        assert tree_digest(workdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    clean_failure(proc, rc_ok=lambda rc: rc == 1)
+    assert len(error_lines(proc.stderr)) == 1 and f"pid {holder.pid}" in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 160 MB (root and mount(8) needed: CI and the development machines have both)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _dir_bytes(path):
+    return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_full_disk_stops_cleanly_then_resumes_bit_identical(baseline, small_disk, tmp_path):
+    """The disk fills up before the third checkpoint: one error line saying so and naming the last
+    complete checkpoint, no traceback, older checkpoints intact; after space is freed the same
+    command resumes and ends on the uninterrupted run's state."""
+    ckpt = _dir_bytes(baseline / "checkpoints" / "8")
+    workdir = small_disk / "run"
+    filler = small_disk / "filler"
+    import shutil as _shutil
+    free = _shutil.disk_usage(small_disk).free
+    # room for two checkpoints (and metrics), not for a third: before the first save the trainer
+    # asks for 1.1x the state's bytes, later for 1.1x the last checkpoint's size on disk
+    state_bytes = sum(a.nbytes for a in jax.tree.leaves(restore(baseline, 8)[0]))
+    room = max(2.6 * ckpt, 1.1 * state_bytes + 0.1 * ckpt)
+    assert room < 3.1 * ckpt, (state_bytes, ckpt)
+    filler.write_bytes(b"\0" * int(free - room))
+    cmd = train_cmd(workdir, f"--config.data.data_dir={tmp_path / 'data'}")
+    proc = run(cmd)
+    clean_failure(proc, rc_ok=lambda rc: rc == 1)
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "space" in lines[0] and "last complete checkpoint is step 8" in lines[0], lines[0]
+    assert steps_in(workdir) == [4, 8]
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    filler.unlink()
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 8" in proc.stderr
+    assert_same_state(workdir, baseline)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glide_jax import models
+from glide_jax import experiment
 from glide_jax.diffusion import schedules
-from glide_jax.sample import _generate, generate, sample_images, text_inputs
+from glide_jax.sample import _generate, generate, respacing_for, sample_images, text_inputs
 from glide_jax.tokenizer import GlideBPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ TINY = dict(kind="base", image_size=16, num_channels=32, num_res_blocks=1, chann
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = models.from_hparams(TINY)
+    model = experiment.from_hparams(TINY)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **model.init_inputs(1))["params"])
     # zero-initialised output convs would make every sample identical: perturb all params
     leaves, tree = jax.tree.flatten(params)
@@ -49,6 +49,29 @@ def test_cfg_scale_one_equals_conditional_sampling(tiny):
     other = generate(model, params, _inputs(tok, prompts, True), sched=sched, sampler="ddpm", guidance="cfg",
                      scale=3.0, x_T=jnp.concatenate([x_T, x_T]), noise=jnp.concatenate([noise, noise], axis=1))
     assert np.max(np.abs(np.asarray(other[:2]) - np.asarray(plain))) > 1e-3  # guidance does something
+
+
+def test_cfg_interval_on_the_text_model(tiny):
+    """The guidance interval through `generate` on the real text-conditional UNet: covering every
+    step it is plain CFG; restricted, the conditional rows alone run outside it (the samples
+    differ, and the scale no longer matters where no step is guided)."""
+    from glide_jax.diffusion import sampling
+
+    model, params, tok = tiny
+    prompts = ["a red circle", "a blue square"]
+    inputs = _inputs(tok, prompts, True)
+    x_T = jax.random.normal(jax.random.PRNGKey(7), (4, 16, 16, 3))
+    for sampler in ("unipc",):
+        sched = schedules.make_schedule("squaredcos_cap_v2", 1000, respacing_for(sampler, 4, TINY))
+        kw = dict(sched=sched, sampler=sampler, guidance="cfg", x_T=x_T, rng=jax.random.PRNGKey(8))
+        full = generate(model, params, inputs, scale=3.0, **kw)
+        everywhere = generate(model, params, inputs, scale=3.0, cfg_interval=(0, 999), **kw)
+        # the same math; the guided branch of lax.cond fuses differently (float32 rounding)
+        np.testing.assert_allclose(np.asarray(everywhere), np.asarray(full), atol=5e-4)
+        assert sampling.evaluations(sampler, sched) == 4
+        never = [generate(model, params, inputs, scale=s, cfg_interval=(1000, 1000), **kw) for s in (3.0, 7.0)]
+        np.testing.assert_allclose(np.asarray(never[0][:2]), np.asarray(never[1][:2]), atol=1e-6)
+        assert np.max(np.abs(np.asarray(never[0][:2]) - np.asarray(full[:2]))) > 1e-3, sampler
 
 
 def test_ddim_eta0_is_deterministic(tiny):
@@ -79,7 +102,7 @@ def test_sample_cli_writes_grid_from_converted_checkpoint(tiny, tmp_path):
 
     model, params, tok = tiny
     ckpt = tmp_path / "ckpt"
-    save_converted(str(ckpt), models.hparams_with_defaults("base", TINY), jax.device_get(params))
+    save_converted(str(ckpt), experiment.hparams_with_defaults("base", TINY), jax.device_get(params))
     out = tmp_path / "grid.png"
     r = subprocess.run([sys.executable, "-m", "glide_jax.sample", "--checkpoint", str(ckpt), "--prompt", "a red circle",
                         "--prompt", "a blue square", "--steps", "3", "--sampler", "ddim", "--out", str(out),
@@ -114,6 +137,42 @@ def test_cli_clip_guidance_with_upsampler_and_classifier_guidance(tmp_path):
     b = classifier_guided_images(base, cls, ["a red circle"], [3], scale=50.0, respacing="3", seed=0)
     assert a.shape == (1, 16, 16, 3) and np.isfinite(b).all()
     assert np.max(np.abs(a - b)) > 1e-4  # the classifier gradient moves the samples
+
+
+TINY_CLIP_OVERRIDES = [f"--config.model.hparams.{k}={v}" for k, v in dict(
+    image_size=16, n_embd=16, n_head_state_text=8, n_head_text=2, n_xf_blocks_text=1, n_head_state_image=8,
+    n_head_image=2, n_xf_blocks_image=1).items()]
+
+
+@pytest.mark.slow
+def test_trained_noised_clip_workdir_guides_with_the_clip_tokenizer(tmp_path):
+    """A noised CLIP trained by glide_jax.train (configs/clip_noised64.py, shrunk) is loaded from its
+    workdir with CLIP's BPE, and CLIP-guided sampling through the CLI uses it."""
+    from helpers import random_checkpoint
+
+    from glide_jax import tokenizer
+    from glide_jax.sample import load_for_sampling
+
+    clip_dir = tmp_path / "clip_run"
+    r = subprocess.run([sys.executable, "-m", "glide_jax.train", "--config", "clip_noised64", "--workdir",
+                        str(clip_dir), *TINY_CLIP_OVERRIDES, "--config.model.dtype=float32",
+                        "--config.data.batch_size=4", "--config.data.train_examples=64",
+                        f"--config.data.data_dir={tmp_path / 'data'}", "--config.train.num_steps=2",
+                        "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+                        "--config.train.async_checkpoint=False"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model, params, tok, cfg = load_for_sampling(str(clip_dir))
+    assert isinstance(tok, tokenizer.ClipTokens) and cfg.hparams["kind"] == "clip"
+    tokens, mask = tok.encode_batch(["a red circle"])
+    assert tokens.shape == (1, 77) and tokens[0, 0] == tok.bpe.start_token and mask.sum() == 5
+    random_checkpoint("base", tmp_path / "base")
+    out = tmp_path / "guided.png"
+    r = subprocess.run([sys.executable, "-m", "glide_jax.sample", "--checkpoint", str(tmp_path / "base"),
+                        "--prompt", "a red circle", "--guidance", "clip", "--clip", str(clip_dir), "--scale", "2",
+                        "--steps", "3", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.exists()
 
 
 def test_cli_guidance_needs_its_model(tmp_path):

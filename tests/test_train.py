@@ -44,17 +44,15 @@ def test_mesh_shape_errors():
 
 def test_all_configs_load_and_build_abstractly():
     """Every experiment config builds its model and state abstractly (no memory)."""
-    from glide_jax.train import abstract_state, build_model
-    from glide_jax.train_state import make_optimizer
+    from glide_jax import experiment
 
-    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+    names = configs_loader.known()
     assert {"shapes_tiny", "glide_filtered_base64", "glide_filtered_upsample256", "glide_base64_3p5b",
             "glide_upsample256_1p5b", "inpaint64", "clip_noised64", "classifier64"} <= set(names)
     for name in names:
         config = configs_loader.load(name)
-        model = build_model(config)
-        boxed, _ = abstract_state(model, make_optimizer(config.optim), model.init_inputs(1), jax.random.PRNGKey(0))
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(boxed.params))
+        setup = experiment.setup_state(config, abstract_only=True)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
         assert n > 0, name
         if name == "glide_filtered_base64":
             assert n == 385_030_726
@@ -117,20 +115,18 @@ def test_same_train_step_serves_every_model_kind(kind):
     """Diffusion (upsample, inpaint), classifier CE and CLIP contrastive losses through one train_step."""
     import ml_collections
 
-    from glide_jax.train import abstract_state, build_model, build_schedule, make_jitted_step, unbox
-    from glide_jax.train_state import make_optimizer
+    from glide_jax import experiment
+    from glide_jax.train import make_jitted_step
 
     config = configs_loader.load("test_tiny", lock=False)
-    config.model.hparams = ml_collections.ConfigDict(KIND_HPARAMS[kind])
+    config.model.hparams = ml_collections.ConfigDict(experiment.hparams_with_defaults(kind, KIND_HPARAMS[kind]))
+    config.data.image_size = config.data.text_ctx = 0
+    experiment.finalize(config)
     config.train.cond_drop = 0.0 if kind in ("classifier", "clip") else 0.2
-    model = build_model(config)
-    sched = build_schedule(config)
-    tx = make_optimizer(config.optim)
     rng = jax.random.PRNGKey(0)
-    boxed, init_fn = abstract_state(model, tx, model.init_inputs(1), rng)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:1])
-    shard = sharding.logical_shardings(boxed, mesh)
-    state = jax.jit(lambda r: unbox(init_fn(r)), out_shardings=shard)(rng)
+    setup = experiment.setup_state(config, mesh)
+    model, tx, shard, state = setup.model, setup.tx, setup.shardings, setup.state
     r = np.random.default_rng(0)
     b = 4
     batch = {"image": r.uniform(-1, 1, (b, 16, 16, 3)).astype(np.float32)}
@@ -147,7 +143,7 @@ def test_same_train_step_serves_every_model_kind(kind):
         batch["inpaint_image"] = batch["image"] * batch["inpaint_mask"]
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     before = jax.device_get(state.params)
-    step = make_jitted_step(config, model, sched, tx, shard, jax.tree.map(lambda x: x.sharding, batch), mesh, 50256)
+    step = make_jitted_step(config, model, tx, shard, jax.tree.map(lambda x: x.sharding, batch), mesh, 50256)
     for _ in range(3):  # warm-up starts at lr 0, and zero-initialised output layers gate the rest
         state, metrics = step(state, batch, rng)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 1.0

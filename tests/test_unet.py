@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from glide_jax.convert import torch_to_flax
-from glide_jax.models import PRESETS, from_hparams, hparams_with_defaults
+from glide_jax.experiment import PRESETS, from_hparams, hparams_with_defaults
 from glide_jax.models.layers import AttentionBlock
 from glide_jax.models.unet import Text2ImUNet, UNetConfig
 from glide_jax.parity import unet as unet_parity

@@ -98,7 +98,7 @@ def test_supported_shapes():
         winograd.conv3x3(x, g, 3)
 
 
-def test_conv_algorithm_choice(monkeypatch):
+def test_conv_algorithm_choice():
     pick = layers.conv_algorithm_for
     wide, narrow = (3, 3, 64, 128), (3, 3, 3, 128)
     x = (2, 16, 16, 64)
@@ -113,10 +113,22 @@ def test_conv_algorithm_choice(monkeypatch):
     assert pick("auto", x, (3, 3, 64, 32), 1, jnp.float32) == "xla"  # too few output channels
     assert pick("auto", (2, 8, 8, 64), wide, 1, jnp.float32) == "xla"  # too small an image
     assert pick("auto", x, wide, 1, jnp.bfloat16) == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert pick("auto", x, wide, 1, jnp.float32) == "xla"
     with pytest.raises(ValueError, match="conv_algorithm 'fast'"):
         pick("fast", x, wide, 1, jnp.float32)
+
+
+def test_kernels_pick_the_conv_algorithm_per_backend():
+    """Which backend gets which kernels is decided once, by the experiment layer: "auto" is the
+    CPU kernels (Winograd by the shape rule) on CPU and XLA's own ops on accelerators."""
+    from glide_jax import experiment
+
+    assert experiment.resolve_kernels("auto", backend="cpu") == "cpu"
+    assert experiment.resolve_kernels("auto", backend="tpu") == "xla"
+    assert experiment.resolve_kernels("auto", backend="gpu") == "xla"
+    assert experiment.resolve_kernels("xla", backend="cpu") == "xla"
+    assert [layers.conv_algorithm_of(k) for k in ("xla", "cpu", "winograd")] == ["xla", "auto", "winograd"]
+    with pytest.raises(experiment.SetupError, match="model.kernels='fast'"):
+        experiment.resolve_kernels("fast")
 
 
 @pytest.mark.parametrize("algorithm", ["xla", "winograd", "auto"])
@@ -129,20 +141,21 @@ def test_conv_module_same_params_and_values(algorithm):
     np.testing.assert_allclose(conv.apply(params, x), ref.apply(params, x), atol=2e-5)
 
 
-def test_unet_config_rejects_unknown_algorithm():
-    from glide_jax import models
+def test_unet_config_rejects_unknown_kernels():
+    from glide_jax.models.unet import UNetConfig
 
-    with pytest.raises(ValueError, match="conv_algorithm 'fast'"):
-        models.build({"kind": "base", "num_channels": 32}, conv_algorithm="fast")
+    with pytest.raises(ValueError, match="kernels 'fast'"):
+        UNetConfig(num_channels=32, kernels="fast")
 
 
 def test_unet_same_outputs_and_gradients_with_either_algorithm():
     """The whole text-conditional UNet (tiny) with Winograd everywhere it applies vs XLA's convs."""
-    from glide_jax import models
+    from glide_jax import experiment
     from tests.helpers import TINY
 
     hp = TINY["base"]
-    nets = {a: models.build(hp, conv_algorithm=a) for a in ("xla", "winograd")}
+    # "cpu" runs XLA's convolutions at these small shapes; both share the CPU GroupNorm and dropout
+    nets = {a: experiment.build(hp, kernels=k) for a, k in (("xla", "cpu"), ("winograd", "winograd"))}
     inputs = nets["xla"].init_inputs(2)
     params = nets["xla"].init(jax.random.PRNGKey(0), **inputs)["params"]
     # zero-initialised output convs would hide the convolutions: give every weight some size

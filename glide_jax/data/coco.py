@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from glide_jax.data import folder as folder_lib
-from glide_jax.data import prepare
+from glide_jax.data import beam_builder as prepare
 
 EVAL_CAPTIONS_FILE = "coco_eval_captions.txt"
 EVAL_IMAGES_FILE = "coco_eval_images.txt"

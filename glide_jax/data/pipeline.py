@@ -29,24 +29,46 @@ array_record in data_dir, e.g. "webdataset_captions/<config>"), data_dir
 num_workers (grain worker processes; 0 = in-process threads), random_flip (mirrors the image and
 swaps "left"/"right" in its caption, so shapes captions stay true), random_crop (a square of
 0.8-1x the side of the largest stored image, resized), noise_aug_std, mask ("none" | "rect" |
-"brush" | "mixed"), train_examples (synthetic_shapes only; 0 = builder default).
+"brush" | "mixed"), train_examples (synthetic_shapes only; 0 = builder default),
+skip_damaged_shards (see below).
+
+Damaged files: before the first batch every ArrayRecord shard of the split is checked
+(`open_split`): it must exist, open, and hold the record count that dataset_info.json gives it
+(a truncated shard loses its footer and reads as 0 records), and its first and last records
+must read back, which checks those chunks' hashes. Splits of up to FULL_CHECK_BYTES are read
+whole, so a flipped bit in any record is found too. In bigger splits a flipped bit in a middle
+chunk is found when that record is read (ArrayRecord/Riegeli store a 64-bit hash per chunk
+header and per chunk of data), and stops training with `DamagedDatasetError` naming the shard:
+damaged records are never decoded into batches. A damaged shard stops training at start with one
+`DamagedDatasetError` naming it, or with `data.skip_damaged_shards=True` is left out (logged, and
+counted on the iterator: `DataIterator.damaged`). Not detected: a shard swapped for another
+valid shard with the same record count, and flips in a shard's block padding (never read).
+A `prepared:<dir>` directory must be a finished preparation (dataset_info.json, which tfds
+writes last, and not tfds' temporary `incomplete.*` directory).
 """
 from __future__ import annotations
 
-import argparse
+import bisect
+import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
+from array_record.python import array_record_data_source, array_record_module
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image, ImageDraw
 
+from glide_jax import sharding
 from glide_jax.data import folder as folder_lib
 from glide_jax.data import shapes
 
@@ -56,6 +78,14 @@ FOLDER_PREFIX = "folder:"
 PREPARED_PREFIX = "prepared:"
 READ_THREADS = 4  # per process (the main one, or each grain worker)
 PREFETCH_BATCHES = 8
+# Splits whose records total at most this many bytes are read whole at start (every chunk hash
+# checked); bigger ones have each shard's first and last record read (a few reads per shard).
+FULL_CHECK_BYTES = 256 << 20
+CHECK_THREADS = 16  # shards checked in parallel (remote storage: the latency, not the bytes)
+
+
+class DamagedDatasetError(ValueError):
+    """A prepared dataset whose files do not read back as written (the message names them)."""
 
 
 def _get(cfg: Mapping[str, Any], name: str, default: Any = None) -> Any:
@@ -72,7 +102,7 @@ def get_builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     sizes = sorted({int(cfg["image_size"]), int(_get(cfg, "low_res_size", 0))} - {0})
     kwargs = dict(data_dir=data_dir, file_format="array_record")
     if name.startswith(PREPARED_PREFIX):
-        return tfds.builder_from_directory(name[len(PREPARED_PREFIX):])
+        return prepared_builder(name[len(PREPARED_PREFIX):])
     if name.startswith(FOLDER_PREFIX):
         config = folder_lib.FolderConfig.for_folder(name[len(FOLDER_PREFIX):], sizes=sizes)
         return folder_lib.ImageCaptionFolder(config=config, **kwargs)
@@ -86,6 +116,28 @@ def get_builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
             config = config_name  # by name: tfds rejects copies of a predefined config object
         return shapes.SyntheticShapes(config=config, **kwargs)
     return tfds.builder(name, **kwargs)
+
+
+def prepared_builder(path: str) -> tfds.core.DatasetBuilder:
+    """The builder of a finished prepared dataset directory; DamagedDatasetError otherwise."""
+    path = os.fspath(path).rstrip("/")
+    what = f"prepared dataset {path}"
+    if os.path.basename(path).startswith("incomplete."):
+        raise DamagedDatasetError(f"{what} is tfds' temporary directory of a preparation that did not finish "
+                                  "(killed?); run the preparation again and use the directory it prints")
+    if not epath.Path(path).is_dir():
+        raise DamagedDatasetError(f"{what} does not exist")
+    if not (epath.Path(path) / "dataset_info.json").exists():
+        raise DamagedDatasetError(f"{what} has no dataset_info.json (written last, when a preparation finishes): "
+                                  "not a prepared dataset, or its preparation did not finish; run it again")
+    try:
+        builder = tfds.builder_from_directory(path)
+    except (OSError, ValueError) as e:
+        raise DamagedDatasetError(f"{what} cannot be read: {e}") from None
+    if not builder.is_prepared():
+        raise DamagedDatasetError(f"{what} is not a finished tfds dataset version directory (one named after its "
+                                  "version, e.g. .../1.0.0, holding dataset_info.json and features.json)")
+    return builder
 
 
 def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
@@ -279,7 +331,8 @@ def make_dataset(
     seed = int(_get(cfg, "seed", 0) if seed is None else seed)
 
     builder = prepare(cfg)
-    source = builder.as_data_source(split=split)
+    source, damaged = open_split(builder, split, name=cfg["name"],
+                                 skip_damaged=bool(_get(cfg, "skip_damaged_shards", False)))
     if len(source) < process_count:
         raise ValueError(
             f"{cfg['name']}[{split}] has {len(source)} records for {process_count} hosts")
@@ -298,7 +351,122 @@ def make_dataset(
     ds = ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=collate)
     if tokenizer is not None:
         ds = ds.map(Tokenize(tokenizer, int(_get(cfg, "text_ctx", 128))))
-    return DataIterator(ds, int(_get(cfg, "num_workers", 0)))
+    return DataIterator(ds, int(_get(cfg, "num_workers", 0)), damaged=damaged)
+
+
+# ------------------------------------------------------------------------------ damaged files
+
+@dataclasses.dataclass(frozen=True)
+class DamagedShard:
+    """A shard left out by `data.skip_damaged_shards`: its path, why, and its records (per the info)."""
+
+    path: str
+    reason: str
+    records: int
+
+
+def check_shard(path: str, records: int, *, full: bool) -> str:
+    """Why the ArrayRecord shard at `path` does not hold `records` readable records ("" = it does).
+
+    Reads the footer (record count), the first and last records, or with `full` every record;
+    each read checks its chunk's hashes.
+    """
+    if not epath.Path(path).exists():
+        return "is missing"
+    try:
+        reader = array_record_module.ArrayRecordReader(
+            os.fspath(path), "" if full else "readahead_buffer_size:0,max_parallelism:0")
+    except (RuntimeError, OSError, ValueError) as e:  # missing, unreadable, shorter than one block
+        return f"cannot be opened ({e})"
+    try:
+        n = reader.num_records()
+        if n != records:
+            return (f"holds {n} records where the dataset info says {records} (truncated, or cut off while it "
+                    "was written)")
+        if n:
+            got = reader.read_all() if full else reader.read(sorted({0, n - 1}))
+            if any(not isinstance(r, bytes) for r in got):
+                return "a record does not read back"
+    except (RuntimeError, OSError, ValueError, TypeError) as e:
+        return f"does not read back ({e})"
+    finally:
+        try:
+            reader.close()
+        except RuntimeError:  # a reader that failed reports its failure again on close
+            pass
+    return ""
+
+
+def open_split(builder: tfds.core.DatasetBuilder, split: str, *, name: str = "",
+               skip_damaged: bool = False) -> tuple[Any, list[DamagedShard]]:
+    """(random-access source of `split`'s decoded records, the damaged shards left out).
+
+    ArrayRecord datasets: every shard is checked first (`check_shard`; whole-split reads up to
+    FULL_CHECK_BYTES). A damaged shard raises `DamagedDatasetError` naming it, or with
+    `skip_damaged` is left out with a warning. Records that fail to read later (a flipped bit
+    in a chunk not read here) raise `DamagedDatasetError` naming the shard. Other file formats
+    are read by tfds unchecked.
+    """
+    info = builder.info
+    if info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        return builder.as_data_source(split=split), []
+    name = name or info.full_name
+    instructions = list(info.splits[split].file_instructions)
+    full = int(info.splits[split.split("[")[0]].num_bytes or 0) <= FULL_CHECK_BYTES  # "train[:10%]" -> train
+    shards = {os.fspath(fi.filename): int(fi.examples_in_shard) for fi in instructions}
+    with concurrent.futures.ThreadPoolExecutor(min(CHECK_THREADS, max(len(shards), 1))) as pool:
+        reasons = dict(zip(shards, pool.map(lambda kv: check_shard(kv[0], kv[1], full=full), shards.items())))
+    damaged = [DamagedShard(p, r, shards[p]) for p, r in reasons.items() if r]
+    if damaged:
+        listed = "; ".join(f"{d.path}: {d.reason}" for d in damaged[:3])
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        head = f"dataset {name}[{split}]: {len(damaged)} of {len(shards)} shards damaged: {listed}{more}"
+        fix = "prepare the dataset again (python -m glide_jax.data.prepare ... --overwrite)"
+        if len(damaged) == len(shards):
+            raise DamagedDatasetError(f"{head}; {fix}")
+        if not skip_damaged:
+            raise DamagedDatasetError(f"{head}; {fix}, or pass --config.data.skip_damaged_shards=True to train "
+                                      "on the other shards")
+        logging.warning("%s. data.skip_damaged_shards: training on the other %d shards without their %d records",
+                        head, len(shards) - len(damaged), sum(d.records for d in damaged))
+        bad = {d.path for d in damaged}
+        instructions = [fi for fi in instructions if os.fspath(fi.filename) not in bad]
+    return ShardSource(info.features, instructions, name), damaged
+
+
+class ShardSource:
+    """Decoded records of some shards of a split, as tfds' ArrayRecord data source reads them, with
+    a `DamagedDatasetError` naming the shard when a record does not read back. Picklable."""
+
+    def __init__(self, features, instructions: Sequence[Any], name: str = ""):
+        self._features = features
+        self._instructions = list(instructions)
+        self._name = name
+        self._records = array_record_data_source.ArrayRecordDataSource(self._instructions)
+        self._ends = list(itertools.accumulate(int(fi.take) for fi in self._instructions))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index) -> Any:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        try:
+            record = self._records[index]
+            problem = "" if isinstance(record, bytes) else f"read as {type(record).__name__}"
+        except RuntimeError as e:  # Riegeli: a chunk hash mismatch, a cut-off chunk
+            problem = str(e)
+        if problem:
+            i = bisect.bisect_right(self._ends, index)
+            fi = self._instructions[i]
+            position = fi.skip + index - (self._ends[i] - int(fi.take))
+            raise DamagedDatasetError(f"dataset {self._name}: record {position} of shard {os.fspath(fi.filename)} "
+                                      f"does not read back ({problem}); prepare the dataset again")
+        return self._features.deserialize_example_np(record)
+
+    def __repr__(self) -> str:
+        return f"ShardSource({self._name!r}, {len(self._instructions)} shards, {len(self)} records)"
 
 
 class DataIterator:
@@ -306,11 +474,13 @@ class DataIterator:
 
     `{"step": n}` does not depend on the worker count, so a run may resume with other
     `num_workers`; restoring re-opens the dataset at batch n (grain's random access).
+    `damaged`: the shards `data.skip_damaged_shards` left out (`DamagedShard`s).
     """
 
-    def __init__(self, batches: grain.MapDataset, num_workers: int = 0):
+    def __init__(self, batches: grain.MapDataset, num_workers: int = 0, damaged: Sequence[DamagedShard] = ()):
         self._batches = batches
         self._num_workers = num_workers
+        self.damaged = list(damaged)
         self._step = 0
         self._it = None
 
@@ -333,8 +503,6 @@ class DataIterator:
         ds = self._batches[start:].to_iter_dataset(
             grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES))
         if self._num_workers > 0:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside absl.app use defaults
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
@@ -360,21 +528,18 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_spec=No
     Args:
       local_batch: this process's batch (numeric arrays; strings are left out).
       mesh: the device mesh.
-      batch_spec: PartitionSpec entry for the batch axis; default the (data, fsdp) axes.
+      batch_spec: PartitionSpec entry for the batch axis; default the default rules' batch axes
+        (`sharding.batch_axes`).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     if batch_spec is None:
-        from glide_jax.sharding import DATA, FSDP
-        batch_spec = tuple(a for a in (DATA, FSDP) if a in mesh.axis_names)
+        batch_spec = sharding.batch_axes(mesh)
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
         if value.dtype == object or value.dtype.kind in "SU":
             continue
-        sharding = NamedSharding(mesh, P(batch_spec, *([None] * (value.ndim - 1))))
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
+        where = NamedSharding(mesh, P(batch_spec, *([None] * (value.ndim - 1))))
+        out[key] = jax.make_array_from_process_local_data(where, value)
     return out
 
 
@@ -392,32 +557,3 @@ def benchmark(config: Mapping[str, Any], steps: int = 50, *, tokenizer: Any = No
     rate = n / (time.perf_counter() - t0)
     it.close()
     return rate
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m glide_jax.data.pipeline --bench [--steps N] [data.field=value ...]`."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="measure images/s")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("overrides", nargs="*", help="data.<field>=<value> on the default config")
-    args = parser.parse_args(argv)
-    from glide_jax import tokenizer as tokenizer_lib
-    from glide_jax.config import default_config
-
-    config = default_config()
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        field = key.removeprefix("data.")
-        old = config.data[field]
-        config.data[field] = value in ("1", "true", "True") if isinstance(old, bool) else type(old)(value)
-    tok = tokenizer_lib.get_tokenizer(config.tokenizer.name, text_ctx=config.data.text_ctx)
-    prepare(config.data)
-    if args.bench:
-        rate = benchmark(config.data, args.steps, tokenizer=tok)
-        print(f"{config.data.name}: {rate:.1f} images/s ({config.data.num_workers} workers, "
-              f"batch {config.data.batch_size}, {os.cpu_count()} cpus)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from etils import epath
 
-from glide_jax.data import prepare
+from glide_jax.data import beam_builder as prepare
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _GLOB_CHARS = re.compile(r"[*?\[]")

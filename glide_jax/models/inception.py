@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from glide_jax.convert import torch_to_flax
+from glide_jax import pt_reader
 
 __all__ = [
     "BN_EPS",
@@ -318,8 +320,6 @@ def inception_params_from_state_dict(state_dict: Mapping[str, np.ndarray], with_
     Raises:
       glide_jax.convert.ConversionError: listing every missing / unexpected / mis-shaped key.
     """
-    from glide_jax.convert import torch_to_flax
-
     renamed = {}
     for key, value in state_dict.items():
         module, _, leaf = key.rpartition(".")
@@ -332,7 +332,5 @@ def inception_params_from_state_dict(state_dict: Mapping[str, np.ndarray], with_
 
 def load_inception_params(path: str | os.PathLike, with_logits: bool = False) -> dict:
     """Read `pt_inception-2015-12-05-6726825d.pth` (without torch) and port it to Flax params."""
-    from glide_jax import pt_reader
-
     state_dict = pt_reader.to_float32(pt_reader.load_state_dict(path))
     return inception_params_from_state_dict(state_dict, with_logits=with_logits)

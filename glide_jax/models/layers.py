@@ -24,14 +24,35 @@ from glide_jax.models import winograd
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# Logical axis names. `glide_jax.sharding.DEFAULT_RULES` maps them to mesh axes.
+# Logical axis names. The rules (`config.mesh.rules`, `glide_jax.sharding.DEFAULT_RULES`) map
+# them to mesh axes.
 IN = "in_features"        # input dimension of a Dense / Conv kernel
 OUT = "out_features"      # output dimension of a Dense / Conv kernel, biases
 VOCAB = "vocab"           # rows of a token table
 EMBED = "embed"           # width of an embedding table / positional table
 POSITION = "position"     # rows of a positional table
 NORM = "norm"             # norm scale / bias
+BATCH = "batch"           # leading axis of activations and batches
 KERNEL_SPATIAL = None     # conv spatial dims are never sharded
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pins an activation's leading axis to the mesh axes the `batch` rule names.
+
+    A no-op outside `glide_jax.sharding.activation_rules` (no mesh or no rules in context: parity
+    tests, single-device sampling) and where those axes do not divide the batch.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    entry = nn.logical_to_mesh_axes((BATCH,), rules)[0]
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _param(init: Initializer, names: Sequence[str | None]) -> Initializer:
@@ -65,13 +86,29 @@ class Dense(nn.Module):
 
 
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
-# Where "auto" uses Winograd: measured per shape on the 2-core CPU VM (benchmarks/winograd.py,
-# bench config, batch 8), F(4x4,3x3) takes 0.43-0.95x XLA's time forward and backward for >= 64
-# output channels at 16x16 and above; it is slower at 8x8 and for the 3-channel input and
+# The kernel sets a model is built with (`experiment.resolve_kernels` picks one per backend):
+# "xla" = XLA's own ops (convolutions, autodiff'd GroupNorm, threefry dropout masks), what an
+# accelerator compiler fuses best; "cpu" = the kernels written for XLA:CPU (Winograd where
+# `conv_algorithm_for` says so, GroupNorm's hand-written VJP, counter-hash dropout masks);
+# "winograd" = "cpu" with Winograd forced on every 3x3 convolution it supports (benchmarks, tests).
+KERNELS = ("xla", "cpu", "winograd")
+_CONV_ALGORITHM_OF = {"xla": "xla", "cpu": "auto", "winograd": "winograd"}
+# Where "auto" uses Winograd (per-shape timings: docs/benchmarks.md "Winograd convolutions"):
+# >= 64 output channels at 16x16 and above; slower at 8x8 and for the 3-channel input and
 # 6-channel output convolutions.
 WINOGRAD_MIN_IN_CHANNELS = 32
 WINOGRAD_MIN_OUT_CHANNELS = 64
 WINOGRAD_MIN_SIZE = 16
+
+
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r}: expected one of {KERNELS}")
+
+
+def conv_algorithm_of(kernels: str) -> str:
+    check_kernels(kernels)
+    return _CONV_ALGORITHM_OF[kernels]
 
 
 def check_conv_algorithm(algorithm: str) -> None:
@@ -83,9 +120,9 @@ def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype
     """Which implementation `Conv` uses: "xla" (lax.conv_general_dilated) or "winograd".
 
     "xla" and "winograd" force one ("winograd" falls back to "xla" where it cannot apply: not
-    3x3, strided, or odd H/W); "auto" picks Winograd for supported float32 convolutions on the
-    CPU backend with >= WINOGRAD_MIN_IN_CHANNELS / _OUT_CHANNELS channels and H, W >=
-    WINOGRAD_MIN_SIZE, XLA's convolution otherwise (and always on TPU/GPU).
+    3x3, strided, or odd H/W); "auto" picks Winograd for supported float32 convolutions with
+    >= WINOGRAD_MIN_IN_CHANNELS / _OUT_CHANNELS channels and H, W >= WINOGRAD_MIN_SIZE, XLA's
+    convolution otherwise. Which backend it suits is decided by the kernels, not here.
     """
     check_conv_algorithm(algorithm)
     if algorithm == "xla" or not winograd.supported(x_shape, kernel_shape, stride):
@@ -94,7 +131,7 @@ def conv_algorithm_for(algorithm: str, x_shape, kernel_shape, stride: int, dtype
         return "winograd"
     suits = (kernel_shape[2] >= WINOGRAD_MIN_IN_CHANNELS and kernel_shape[3] >= WINOGRAD_MIN_OUT_CHANNELS
              and min(x_shape[1], x_shape[2]) >= WINOGRAD_MIN_SIZE)
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or not suits:
+    if jnp.dtype(dtype) != jnp.float32 or not suits:
         return "xla"
     return "winograd"
 
@@ -150,6 +187,7 @@ class GroupNorm(nn.Module):
 
     num_groups: int = 32
     eps: float = 1e-5
+    fused_vjp: bool = False  # the hand-written backward ("cpu" kernels); autodiff otherwise
 
     @nn.compact
     def __call__(self, x: jax.Array, modulation: tuple[jax.Array, jax.Array] | None = None,
@@ -162,11 +200,13 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm({self.num_groups}) needs channels divisible by it, got {c}")
         scale = self.param("scale", _param(ones, (NORM,)), (c,), jnp.float32)
         bias = self.param("bias", _param(zeros, (NORM,)), (c,), jnp.float32)
-        return group_norm(x, scale, bias, self.num_groups, self.eps, modulation, silu=silu)
+        return group_norm(x, scale, bias, self.num_groups, self.eps, modulation, silu=silu,
+                          fused_vjp=self.fused_vjp)
 
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float,
-               modulation: tuple[jax.Array, jax.Array] | None = None, silu: bool = False) -> jax.Array:
+               modulation: tuple[jax.Array, jax.Array] | None = None, silu: bool = False,
+               fused_vjp: bool = True) -> jax.Array:
     """[SiLU of] GroupNorm of x [B, ..., C] over (spatial, channels-in-group), in float32,
     with the affine (scale, bias [C]) and the optional FiLM modulation (each broadcastable to
     [B, 1, ..., 1, C]) folded into one per-(batch, channel) multiplier M and offset O:
@@ -178,7 +218,8 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
       textbook reshape to [..., G, C/G] makes loop fusions iterate inner axes of 2..8 elements;
     - a hand-written VJP (`_group_norm_core`) recomputes z from x in the backward pass and
       needs two reductions (sum dz, sum dz * (x - mean)) plus one elementwise pass for dx,
-      where autodiff of the forward emits ~3x as many full-size passes.
+      where autodiff of the forward emits ~3x as many full-size passes (`fused_vjp`; without
+      it the same forward is left to autodiff, which accelerator compilers fuse on their own).
     Statistics are two-pass (mean, then the variance of x - mean), as accurate as the textbook.
     """
     b, c = x.shape[0], x.shape[-1]
@@ -189,8 +230,8 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
         mod_scale, mod_shift = (
             jnp.broadcast_to(m.astype(jnp.float32), (b,) + (1,) * (x.ndim - 2) + (c,)).reshape(b, c)
             for m in modulation)
-    y = _group_norm_core(x3, scale.astype(jnp.float32), bias.astype(jnp.float32), mod_scale, mod_shift,
-                         num_groups, eps, silu)
+    core = _group_norm_core if fused_vjp else _group_norm_value
+    y = core(x3, scale.astype(jnp.float32), bias.astype(jnp.float32), mod_scale, mod_shift, num_groups, eps, silu)
     return y.reshape(x.shape)
 
 
@@ -207,6 +248,10 @@ def _per_group(v: jax.Array, num_groups: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _group_norm_core(x3, scale, bias, mod_scale, mod_shift, num_groups, eps, silu):
     """x3 [B, N, C], scale/bias [C], mod_scale/mod_shift [B, C] -> [B, N, C] (see group_norm)."""
+    return _group_norm_fwd(x3, scale, bias, mod_scale, mod_shift, num_groups, eps, silu)[0]
+
+
+def _group_norm_value(x3, scale, bias, mod_scale, mod_shift, num_groups, eps, silu):
     return _group_norm_fwd(x3, scale, bias, mod_scale, mod_shift, num_groups, eps, silu)[0]
 
 
@@ -321,9 +366,11 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 
 
 class Dropout(nn.Module):
-    """Dropout with the cheap counter-based mask above; draws from the 'dropout' rng stream."""
+    """Inverted dropout drawing from the 'dropout' rng stream: the cheap counter-based mask
+    above with `hash_mask` ("cpu" kernels), jax.random's threefry bits otherwise."""
 
     rate: float
+    hash_mask: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -331,7 +378,11 @@ class Dropout(nn.Module):
             return x
         if self.rate >= 1:
             return jnp.zeros_like(x)
-        return dropout(x, self.rate, self.make_rng("dropout"))
+        rng = self.make_rng("dropout")
+        if self.hash_mask:
+            return dropout(x, self.rate, rng)
+        keep = jax.random.bernoulli(rng, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def table_param(
@@ -416,14 +467,14 @@ class Upsample(nn.Module):
     use_conv: bool = True
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
-    conv_algorithm: str = "auto"
+    kernels: str = "xla"  # see KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = upsample_nearest_2x(x)
         if self.use_conv:
             x = Conv(self.out_channels or x.shape[-1], 3, dtype=self.dtype,
-                     algorithm=self.conv_algorithm, name="conv")(x)
+                     algorithm=conv_algorithm_of(self.kernels), name="conv")(x)
         return x
 
 
@@ -433,13 +484,13 @@ class Downsample(nn.Module):
     use_conv: bool = True
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
-    conv_algorithm: str = "auto"  # a stride-2 conv always runs as XLA's (see conv_algorithm_for)
+    kernels: str = "xla"  # a stride-2 conv always runs as XLA's (see conv_algorithm_for)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
             return Conv(self.out_channels or x.shape[-1], 3, stride=2, dtype=self.dtype,
-                        algorithm=self.conv_algorithm, name="op")(x)
+                        algorithm=conv_algorithm_of(self.kernels), name="op")(x)
         if self.out_channels not in (None, x.shape[-1]):
             raise ValueError("average-pool downsampling cannot change the channel count")
         return avg_pool_2x(x)
@@ -462,30 +513,30 @@ class ResBlock(nn.Module):
     down: bool = False
     train: bool = False
     dtype: Dtype = jnp.float32
-    conv_algorithm: str = "auto"
+    kernels: str = "xla"  # see KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         c_out = self.out_channels
-        h = GroupNorm(name="in_layers_0")(x, silu=True).astype(self.dtype)
+        h = GroupNorm(fused_vjp=self.kernels != "xla", name="in_layers_0")(x, silu=True).astype(self.dtype)
         if self.up:
             h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
         elif self.down:
             h, x = avg_pool_2x(h), avg_pool_2x(x)
-        h = Conv(c_out, 3, dtype=self.dtype, algorithm=self.conv_algorithm, name="in_layers_2")(h)
+        h = Conv(c_out, 3, dtype=self.dtype, algorithm=conv_algorithm_of(self.kernels), name="in_layers_2")(h)
 
         n_emb = 2 * c_out if self.use_scale_shift_norm else c_out
         emb_out = Dense(n_emb, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
         emb_out = emb_out.astype(jnp.float32)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = GroupNorm(name="out_layers_0")(h, modulation=(scale, shift), silu=True)
+            h = GroupNorm(fused_vjp=self.kernels != "xla", name="out_layers_0")(h, modulation=(scale, shift), silu=True)
         else:
-            h = GroupNorm(name="out_layers_0")(h + emb_out, silu=True)
+            h = GroupNorm(fused_vjp=self.kernels != "xla", name="out_layers_0")(h + emb_out, silu=True)
         h = h.astype(self.dtype)
         if self.dropout > 0:
-            h = Dropout(self.dropout, name="out_layers_2")(h, deterministic=not self.train)
-        h = Conv(c_out, 3, dtype=self.dtype, kernel_init=zeros, algorithm=self.conv_algorithm,
+            h = Dropout(self.dropout, hash_mask=self.kernels != "xla", name="out_layers_2")(h, deterministic=not self.train)
+        h = Conv(c_out, 3, dtype=self.dtype, kernel_init=zeros, algorithm=conv_algorithm_of(self.kernels),
                  name="out_layers_3")(h)
 
         if x.shape[-1] != c_out:
@@ -508,13 +559,14 @@ class AttentionBlock(nn.Module):
     num_head_channels: int = -1
     use_new_attention_order: bool = False
     dtype: Dtype = jnp.float32
+    kernels: str = "xla"  # see KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array, encoder_out: jax.Array | None = None) -> jax.Array:
         b, hh, ww, c = x.shape
         heads = resolve_heads(c, self.num_heads, self.num_head_channels)
         d = c // heads
-        h = GroupNorm(name="norm")(x).astype(self.dtype).reshape(b, hh * ww, c)
+        h = GroupNorm(fused_vjp=self.kernels != "xla", name="norm")(x).astype(self.dtype).reshape(b, hh * ww, c)
         qkv = Dense(3 * c, dtype=self.dtype, name="qkv")(h)
         if self.use_new_attention_order:
             q, k, v = jnp.moveaxis(qkv.reshape(b, hh * ww, 3, heads, d), 2, 0)

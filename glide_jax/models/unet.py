@@ -25,7 +25,9 @@ from glide_jax.models.layers import (
     GroupNorm,
     ResBlock,
     Upsample,
-    check_conv_algorithm,
+    check_kernels,
+    constrain_batch,
+    conv_algorithm_of,
     timestep_embedding,
     zeros,
 )
@@ -110,10 +112,10 @@ class UNetConfig:
     n_vocab: int = 50257
     out_channels: int = 6
     remat: bool = False
-    conv_algorithm: str = "auto"  # runtime, not a GLIDE key: layers.conv_algorithm_for
+    kernels: str = "xla"  # runtime, not a GLIDE key: layers.KERNELS
 
     def __post_init__(self):
-        check_conv_algorithm(self.conv_algorithm)
+        check_kernels(self.kernels)
         object.__setattr__(self, "channel_mult", parse_channel_mult(self.channel_mult, self.image_size))
         object.__setattr__(self, "attention_resolutions", parse_ints(self.attention_resolutions))
 
@@ -140,7 +142,7 @@ class UNetConfig:
             use_scale_shift_norm=self.use_scale_shift_norm,
             resblock_updown=self.resblock_updown,
             remat=self.remat,
-            conv_algorithm=self.conv_algorithm,
+            kernels=self.kernels,
         )
 
 
@@ -173,10 +175,10 @@ class EncoderUNetConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     pool: str = "adaptive"
-    conv_algorithm: str = "auto"  # runtime, not a guided-diffusion key: layers.conv_algorithm_for
+    kernels: str = "xla"  # runtime, not a guided-diffusion key: layers.KERNELS
 
     def __post_init__(self):
-        check_conv_algorithm(self.conv_algorithm)
+        check_kernels(self.kernels)
         cm = self.channel_mult
         if isinstance(cm, str) and cm == "":
             if self.image_size not in _CLASSIFIER_CHANNEL_MULT:
@@ -213,7 +215,7 @@ class EncoderUNetConfig:
             conv_resample=self.conv_resample,
             use_new_attention_order=self.use_new_attention_order,
             remat=self.use_checkpoint,
-            conv_algorithm=self.conv_algorithm,
+            kernels=self.kernels,
         )
 
 
@@ -234,7 +236,7 @@ class TrunkSpec:
     conv_resample: bool = True
     use_new_attention_order: bool = False
     remat: bool = False
-    conv_algorithm: str = "auto"
+    kernels: str = "xla"
 
 
 # The trunk functions below create sub-modules inline, so they must be called from inside a
@@ -248,8 +250,12 @@ def _blocks(spec: TrunkSpec):
     return ResBlock, AttentionBlock
 
 
-def _trace(m: nn.Module, name: str, h: jax.Array) -> None:
+def _block_boundary(m: nn.Module, name: str, h: jax.Array) -> jax.Array:
+    """End of a UNet block: the activation stays batch-sharded, and its spatial mean is sown
+    for the parity traces."""
+    h = constrain_batch(h)
     m.sow("intermediates", name, h.astype(jnp.float32).mean(axis=(1, 2)))
+    return h
 
 
 def embed_timesteps(m: nn.Module, spec: TrunkSpec, t: jax.Array) -> jax.Array:
@@ -260,12 +266,12 @@ def embed_timesteps(m: nn.Module, spec: TrunkSpec, t: jax.Array) -> jax.Array:
     return Dense(4 * spec.model_channels, name="time_embed_2")(nn.silu(emb))
 
 
-def _res_attn(m, spec, prefix, h, emb, xf_out, out_ch, use_attn, heads, train, dtype):
+def _res_attn(spec, prefix, h, emb, xf_out, out_ch, use_attn, heads, train, dtype):
     res_cls, attn_cls = _blocks(spec)
     h = res_cls(out_ch, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                conv_algorithm=spec.conv_algorithm, name=f"{prefix}_0")(h, emb)
+                kernels=spec.kernels, name=f"{prefix}_0")(h, emb)
     if use_attn:
-        h = attn_cls(heads, spec.num_head_channels, spec.use_new_attention_order, dtype,
+        h = attn_cls(heads, spec.num_head_channels, spec.use_new_attention_order, dtype, spec.kernels,
                      name=f"{prefix}_1")(h, xf_out)
     return h
 
@@ -274,29 +280,29 @@ def down_path(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     """input_blocks. h: [B, S, S, C_in] -> (h [B, S/2^(L-1), ., C], skips list)."""
     res_cls, _ = _blocks(spec)
     mc = spec.model_channels
-    h = Conv(int(spec.channel_mult[0] * mc), 3, dtype=dtype, algorithm=spec.conv_algorithm,
+    h = Conv(int(spec.channel_mult[0] * mc), 3, dtype=dtype, algorithm=conv_algorithm_of(spec.kernels),
              name="input_blocks_0_0")(h)
     hs = [h]
-    _trace(m, "trace.input_blocks.0", h)
+    h = _block_boundary(m, "trace.input_blocks.0", h)
     ds = 1
     for level, mult in enumerate(spec.channel_mult):
         for _ in range(spec.num_res_blocks):
             i = len(hs)
-            h = _res_attn(m, spec, f"input_blocks_{i}", h, emb, xf_out, int(mult * mc),
+            h = _res_attn(spec, f"input_blocks_{i}", h, emb, xf_out, int(mult * mc),
                           ds in spec.attention_ds, spec.num_heads, train, dtype)
             hs.append(h)
-            _trace(m, f"trace.input_blocks.{i}", h)
+            h = _block_boundary(m, f"trace.input_blocks.{i}", h)
         if level != len(spec.channel_mult) - 1:
             i = len(hs)
             name = f"input_blocks_{i}_0"
             if spec.resblock_updown:
                 h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, down=True,
-                            train=train, dtype=dtype, conv_algorithm=spec.conv_algorithm, name=name)(h, emb)
+                            train=train, dtype=dtype, kernels=spec.kernels, name=name)(h, emb)
             else:
-                h = Downsample(spec.conv_resample, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                h = Downsample(spec.conv_resample, dtype=dtype, kernels=spec.kernels,
                                name=name)(h)
             hs.append(h)
-            _trace(m, f"trace.input_blocks.{i}", h)
+            h = _block_boundary(m, f"trace.input_blocks.{i}", h)
             ds *= 2
     return h, hs
 
@@ -306,12 +312,12 @@ def middle_block(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     res_cls, attn_cls = _blocks(spec)
     c = h.shape[-1]
     h = res_cls(c, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                conv_algorithm=spec.conv_algorithm, name="middle_block_0")(h, emb)
-    h = attn_cls(spec.num_heads, spec.num_head_channels, spec.use_new_attention_order, dtype,
+                kernels=spec.kernels, name="middle_block_0")(h, emb)
+    h = attn_cls(spec.num_heads, spec.num_head_channels, spec.use_new_attention_order, dtype, spec.kernels,
                  name="middle_block_1")(h, xf_out)
     h = res_cls(c, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
-                conv_algorithm=spec.conv_algorithm, name="middle_block_2")(h, emb)
-    _trace(m, "trace.middle_block", h)
+                kernels=spec.kernels, name="middle_block_2")(h, emb)
+    h = _block_boundary(m, "trace.middle_block", h)
     return h
 
 
@@ -326,19 +332,19 @@ def up_path(m, spec: TrunkSpec, h, hs, emb, xf_out, train: bool, dtype: Dtype):
         for r in range(spec.num_res_blocks + 1):
             h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
             use_attn = ds in spec.attention_ds
-            h = _res_attn(m, spec, f"output_blocks_{i}", h, emb, xf_out,
+            h = _res_attn(spec, f"output_blocks_{i}", h, emb, xf_out,
                           int(mult * spec.model_channels), use_attn, heads_up, train, dtype)
             if level and r == spec.num_res_blocks:
                 name = f"output_blocks_{i}_{2 if use_attn else 1}"
                 if spec.resblock_updown:
                     h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, up=True,
-                                train=train, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                                train=train, dtype=dtype, kernels=spec.kernels,
                                 name=name)(h, emb)
                 else:
-                    h = Upsample(spec.conv_resample, dtype=dtype, conv_algorithm=spec.conv_algorithm,
+                    h = Upsample(spec.conv_resample, dtype=dtype, kernels=spec.kernels,
                                  name=name)(h)
                 ds //= 2
-            _trace(m, f"trace.output_blocks.{i}", h)
+            h = _block_boundary(m, f"trace.output_blocks.{i}", h)
             i += 1
     return h
 
@@ -439,8 +445,8 @@ class Text2ImUNet(nn.Module):
         h, hs = down_path(self, spec, h.astype(self.dtype), emb, xf_out, train, self.dtype)
         h = middle_block(self, spec, h, emb, xf_out, train, self.dtype)
         h = up_path(self, spec, h, hs, emb, xf_out, train, self.dtype)
-        h = GroupNorm(name="out_0")(h, silu=True)
-        return Conv(c.out_channels, 3, kernel_init=zeros, algorithm=c.conv_algorithm, name="out_2")(h)
+        h = GroupNorm(fused_vjp=c.kernels != "xla", name="out_0")(h, silu=True)
+        return Conv(c.out_channels, 3, kernel_init=zeros, algorithm=conv_algorithm_of(c.kernels), name="out_2")(h)
 
     @nn.nowrap
     def init_inputs(self, batch: int = 1) -> dict[str, jax.Array]:
@@ -481,10 +487,10 @@ class EncoderUNet(nn.Module):
         h = middle_block(self, spec, h, emb, None, train, self.dtype)
         h = h.astype(jnp.float32)
         if c.pool == "adaptive":
-            h = GroupNorm(name="out_0")(h, silu=True).mean(axis=(1, 2), keepdims=True)
+            h = GroupNorm(fused_vjp=c.kernels != "xla", name="out_0")(h, silu=True).mean(axis=(1, 2), keepdims=True)
             return Conv(c.out_channels, 1, kernel_init=zeros, name="out_3")(h)[:, 0, 0]
         if c.pool == "attention":
-            h = GroupNorm(name="out_0")(h, silu=True)
+            h = GroupNorm(fused_vjp=c.kernels != "xla", name="out_0")(h, silu=True)
             return AttentionPool2d(c.num_head_channels, c.out_channels, name="out_2")(h)
         feats = jnp.concatenate(
             [f.astype(jnp.float32).mean(axis=(1, 2)) for f in hs] + [h.mean(axis=(1, 2))], axis=-1
@@ -492,7 +498,7 @@ class EncoderUNet(nn.Module):
         if c.pool == "spatial":
             h = nn.relu(Dense(2048, name="out_0")(feats))
             return Dense(c.out_channels, name="out_2")(h)
-        h = GroupNorm(name="out_1")(Dense(2048, name="out_0")(feats), silu=True)
+        h = GroupNorm(fused_vjp=c.kernels != "xla", name="out_1")(Dense(2048, name="out_0")(feats), silu=True)
         return Dense(c.out_channels, name="out_3")(h)
 
     @nn.nowrap

@@ -14,9 +14,12 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 
-UNET_KINDS = ("base", "upsample", "base-inpaint", "upsample-inpaint")
+from glide_jax import experiment
+from glide_jax.parity.check import check_array
+
 
 
 def fixture_kind(fixture_dir: pathlib.Path) -> str:
@@ -34,7 +37,7 @@ def fixture_kind(fixture_dir: pathlib.Path) -> str:
 def compute(fixture_dir: pathlib.Path) -> dict[str, np.ndarray]:
     """Every output array of the fixture, computed by glide_jax."""
     kind = fixture_kind(fixture_dir)
-    module = "unet" if kind in UNET_KINDS else kind
+    module = "unet" if kind in experiment.GENERATORS else kind
     try:
         impl = importlib.import_module(f"glide_jax.parity.{module}")
     except ModuleNotFoundError as e:
@@ -49,8 +52,6 @@ def expected_outputs(fixture_dir: pathlib.Path) -> dict[str, dict]:
 
 def check_outputs(fixture_dir: pathlib.Path, got: dict[str, np.ndarray]) -> list[tuple[str, bool, float, str]]:
     """Compares `got` with the fixture; one (name, ok, worst error, rule) row per output array."""
-    from glide_jax.parity.check import check_array
-
     kind = fixture_kind(fixture_dir)
     with np.load(fixture_dir / "io.npz") as f:
         ref = {k: f[k] for k in f.files}
@@ -80,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (fixture_dir / needed).is_file():
             print(f"error: {fixture_dir} is not a parity fixture folder (no {needed})", file=sys.stderr)
             return 2
-    import jax
-
     jax.config.update("jax_default_matmul_precision", "highest")
     start = time.perf_counter()
     try:

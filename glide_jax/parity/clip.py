@@ -15,15 +15,14 @@ import numpy as np
 from flax import traverse_util
 
 from glide_jax.models.clip import ClipConfig, ClipModel, normalize
+from glide_jax.convert import torch_to_flax
+from glide_jax.pt_reader import load_state_dict, to_float32
 
 WEIGHT_FILES = {"image_enc": "clip_image_enc.pt", "text_enc": "clip_text_enc.pt"}
 
 
 def load_params(fixture_dir: pathlib.Path, model: ClipModel) -> dict:
     """The fixture's two state dicts as one `ClipModel` params tree (float32)."""
-    from glide_jax.convert import torch_to_flax
-    from glide_jax.pt_reader import load_state_dict, to_float32
-
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), **model.init_inputs())["params"]
     return {
         sub: torch_to_flax(to_float32(load_state_dict(fixture_dir / fname)), abstract, prefix=(sub,))[sub]

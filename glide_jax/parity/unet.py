@@ -19,6 +19,9 @@ from flax import traverse_util
 from glide_jax.diffusion import guidance
 from glide_jax.diffusion.schedules import make_schedule
 from glide_jax.models.unet import Text2ImUNet, UNetConfig
+from glide_jax.convert import torch_to_flax
+from glide_jax.pt_reader import load_state_dict
+from glide_jax.sample import generate
 
 # meta.json settings.loop.sampler -> glide_jax.diffusion.sampling sampler name.
 _SAMPLERS = {"p_sample": "ddpm", "ddim": "ddim"}
@@ -34,9 +37,6 @@ def _nchw(a) -> np.ndarray:
 
 def load_params(weights: pathlib.Path, model: nn.Module) -> dict:
     """A PyTorch state-dict file as `model`'s float32 params tree."""
-    from glide_jax.convert import torch_to_flax
-    from glide_jax.pt_reader import load_state_dict
-
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), **model.init_inputs()))["params"]
     return torch_to_flax(load_state_dict(weights), abstract)
 
@@ -64,8 +64,6 @@ def _loop(model: Text2ImUNet, params, config: UNetConfig, hparams, loop: Mapping
 
     Returns (timestep_map [N], samples [N, n, 3, S, S]) using the fixture's stored noise.
     """
-    from glide_jax.sample import generate
-
     sched = make_schedule(hparams["noise_schedule"], hparams["diffusion_steps"], loop["timestep_respacing"])
     noise = _nhwc(io["loop_noise"])
     guided = loop["guidance_scale"] is not None

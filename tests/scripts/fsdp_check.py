@@ -12,22 +12,16 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from glide_jax import configs_loader, sharding  # noqa: E402
-from glide_jax.train import (abstract_state, build_model, build_schedule, make_jitted_step,  # noqa: E402
-                             state_shardings, unbox)
-from glide_jax.train_state import make_optimizer  # noqa: E402
+from glide_jax import configs_loader, experiment, sharding  # noqa: E402
+from glide_jax.train import make_jitted_step  # noqa: E402
 
 
 def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     config = configs_loader.load("test_tiny")
-    model = build_model(config)
-    sched = build_schedule(config)
-    tx = make_optimizer(config.optim)
-    rng = jax.random.PRNGKey(0)
-    boxed, init_fn = abstract_state(model, tx, model.init_inputs(batch=1), rng)
-    state0 = jax.jit(lambda r: unbox(init_fn(r)))(rng)
-    state0 = jax.device_get(state0)
+    setup = experiment.setup_state(config)
+    model, tx, rng = setup.model, setup.tx, jax.random.PRNGKey(0)
+    state0 = jax.device_get(setup.state)
 
     b, s, l = 16, config.model.hparams.image_size, config.model.hparams.text_ctx
     r = np.random.default_rng(0)
@@ -39,11 +33,11 @@ def main():
     results = {}
     for name, devices in (("single", jax.devices()[:1]), ("fsdp8", jax.devices())):
         mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
-        shard = state_shardings(boxed, mesh)
+        shard = experiment.setup_state(config, mesh, abstract_only=True).shardings
         state = jax.device_put(state0, shard)
         gbatch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         bshard = jax.tree.map(lambda x: x.sharding, gbatch)
-        step = make_jitted_step(config, model, sched, tx, shard, bshard, mesh, pad_id=50256)
+        step = make_jitted_step(config, model, tx, shard, bshard, mesh, pad_id=50256)
         new_state, metrics = step(state, gbatch, rng)
         per_dev = sharding.bytes_per_device(new_state.params)
         opt_dev = sharding.bytes_per_device(new_state.opt_state)

@@ -20,9 +20,9 @@ def main():
     import jax.numpy as jnp
 
     from glide_jax import configs_loader
-    from glide_jax.train import _maybe_init_distributed, train_and_evaluate
+    from glide_jax.train import maybe_init_distributed, train_and_evaluate
 
-    _maybe_init_distributed()
+    maybe_init_distributed()
     assert jax.process_count() == 2, jax.process_count()
     config = configs_loader.load("test_tiny", lock=False)
     config.train.num_steps = 3

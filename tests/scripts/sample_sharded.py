@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import TINY  # noqa: E402
 
-from glide_jax import models  # noqa: E402
+from glide_jax import experiment  # noqa: E402
 from glide_jax.sample import sample_images  # noqa: E402
 from glide_jax.tokenizer import GlideBPE  # noqa: E402
 
@@ -22,7 +22,7 @@ from glide_jax.tokenizer import GlideBPE  # noqa: E402
 def main():
     jax.config.update("jax_default_matmul_precision", "highest")
     assert jax.device_count() == int(sys.argv[1])
-    model = models.from_hparams(TINY["base"])
+    model = experiment.from_hparams(TINY["base"])
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **model.init_inputs(1))["params"])
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
     prompts = ["a red circle", "a blue square", "a green triangle", "a purple circle"]

@@ -10,14 +10,7 @@ from glide_jax.config import default_config
 
 
 def get_config():
-    c = default_config()
-    h = c.model.hparams
-    h.kind = "upsample"
-    h.image_size = 256
-    h.num_res_blocks = 2
-    h.noise_schedule = "linear"
-    h.super_res = True
-    c.data.image_size = 256
+    c = default_config("upsample")  # the released upsampler hyper-parameters
     c.data.low_res_size = 64
     c.data.batch_size = 64
     c.model.dtype = "bfloat16"

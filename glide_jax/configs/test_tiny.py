@@ -5,17 +5,16 @@
 shapes_tiny shrunk: a 32-wide single-layer text transformer over 8 tokens, batch 8, 8 steps,
 synchronous checkpoints every 4 steps. Hardware: any CPU; ~20 s init + ~40 s compile here.
 """
-from glide_jax.configs_loader import load
+from glide_jax.configs import shapes_tiny
 
 
 def get_config():
-    c = load("shapes_tiny", lock=False)
+    c = shapes_tiny.get_config()
     h = c.model.hparams
     h.text_ctx = 8
     h.xf_width = 32
     h.xf_layers = 1
     h.xf_heads = 2
-    c.data.text_ctx = 8
     c.data.batch_size = 8
     c.data.train_examples = 256
     c.optim.warmup_steps = 10

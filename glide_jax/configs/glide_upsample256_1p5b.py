@@ -6,11 +6,11 @@ text width 1024.
 Hardware: a TPU pod slice with FSDP (`python -m glide_jax.plan` tells what fits).
 Runtime/loss: not measured here (no TPU).
 """
-from glide_jax.configs_loader import load
+from glide_jax.configs import glide_filtered_upsample256
 
 
 def get_config():
-    c = load("glide_filtered_upsample256", lock=False)
+    c = glide_filtered_upsample256.get_config()
     h = c.model.hparams
     h.num_channels = 384
     h.xf_width = 1024

@@ -1,10 +1,10 @@
-"""glide_jax.xla_cpu: the XLA:CPU flags the package sets on import."""
+"""glide_jax.host: the CPU-host tuning the command-line tools opt into (nothing on import)."""
 
 import os
 import subprocess
 import sys
 
-from glide_jax import xla_cpu
+from glide_jax import host as xla_cpu
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -30,12 +30,33 @@ def test_untested_jaxlib_left_alone():
     assert env == {}
 
 
-def test_import_sets_flag_before_jax_starts():
-    code = ("import os, glide_jax, jax, jax.numpy as jnp; jnp.ones(2).block_until_ready(); "
-            "print(os.environ['XLA_FLAGS'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
+def test_import_has_no_side_effects():
+    """Importing the package (and a tool module) changes neither XLA_FLAGS nor GLIBC_TUNABLES."""
+    code = ("import os, glide_jax, glide_jax.train, jax, jax.numpy as jnp; jnp.ones(2).block_until_ready(); "
+            "print(repr(os.environ.get('XLA_FLAGS')), repr(os.environ.get('GLIBC_TUNABLES')))")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", xla_cpu.OPT_OUT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"{FLAG}="
+    assert out.stdout.strip() == "None None"
+
+
+def test_cpu_host_detection():
+    assert xla_cpu.on_cpu_host({"JAX_PLATFORMS": "cpu"})
+    assert not xla_cpu.on_cpu_host({"JAX_PLATFORMS": "tpu"})
+    assert not xla_cpu.on_cpu_host({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not xla_cpu.on_cpu_host({"TPU_WORKER_HOSTNAMES": "a,b"})
+    assert xla_cpu.on_tpu_vm({"MEGASCALE_COORDINATOR_ADDRESS": "x"})
+
+
+def test_tune_for_cli_leaves_accelerator_hosts_alone():
+    env = {"JAX_PLATFORMS": "tpu"}
+    xla_cpu.tune_for_cli(env)
+    assert env == {"JAX_PLATFORMS": "tpu"}
+    env = {"JAX_PLATFORMS": "cpu", xla_cpu.OPT_OUT: "0"}
+    xla_cpu.tune_for_cli(env)
+    assert "XLA_FLAGS" not in env
+    env = {"JAX_PLATFORMS": "cpu"}  # not the process environment: flags only, never a re-exec
+    xla_cpu.tune_for_cli(env)
+    assert FLAG in env.get("XLA_FLAGS", "")
 
 
 TUNABLE = f"{xla_cpu.MALLOC_TUNABLE}=1"
@@ -55,26 +76,15 @@ def test_malloc_tunables_added_only_where_they_apply():
     assert xla_cpu.malloc_tunables({xla_cpu.OPT_OUT: "0"}, glibc=(2, 36), thp_mode="madvise") is None
 
 
-def test_only_python_dash_m_glide_jax_is_a_tool_launch():
-    assert xla_cpu.launched_as_tool(["python", "-m", "glide_jax.train", "--workdir", "w"], ["-m"])
-    assert xla_cpu.launched_as_tool(["python", "-W", "ignore", "-m", "glide_jax.bench"], ["-m"])
-    assert xla_cpu.launched_as_tool(["python", "-m", "glide_jax"], ["-m"])
-    # the tool module itself already running, another package's tool, a script, pytest, -c
-    assert not xla_cpu.launched_as_tool(["python", "-m", "glide_jax.train"], ["/x/glide_jax/train.py"])
-    assert not xla_cpu.launched_as_tool(["python", "-m", "pytest", "tests"], ["-m"])
-    assert not xla_cpu.launched_as_tool(["python", "-m", "glide_jaxx.train"], ["-m"])
-    assert not xla_cpu.launched_as_tool(["python", "train.py"], ["train.py"])
-    assert not xla_cpu.launched_as_tool(["python", "-c", "import glide_jax"], ["-c"])
-
-
 def test_tool_launch_reexecs_once_with_huge_page_malloc(tmp_path):
-    """`python -m glide_jax.bench` records the settings it ran with; an import elsewhere changes nothing."""
+    """`python -m glide_jax.bench` (a CPU host) records the settings it ran with; opted out, none."""
     import json
 
     from helpers import TINY_UNET
     hp = tmp_path / "tiny.json"
     hp.write_text(json.dumps(dict(TINY_UNET, image_size=8, channel_mult="1", attention_resolutions="")))
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", xla_cpu.OPT_OUT)}
+    env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, "-m", "glide_jax.bench", "train", "--hparams", str(hp), "--batch", "1", "--steps", "1",
            "--json"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600)

@@ -11,10 +11,7 @@ from glide_jax.config import default_config
 
 
 def get_config():
-    c = default_config()
-    c.model.hparams.kind = "base-inpaint"
-    c.model.hparams.inpaint = True
-    c.data.image_size = 64
+    c = default_config("base-inpaint")
     c.data.mask = "mixed"
     c.data.batch_size = 256
     c.model.dtype = "bfloat16"

@@ -11,9 +11,7 @@ from glide_jax.config import default_config
 
 
 def get_config():
-    c = default_config()  # model.hparams defaults ARE the released base hyper-parameters
-    c.data.image_size = 64
-    c.data.text_ctx = 128
+    c = default_config("base")  # the released base hyper-parameters
     c.data.batch_size = 256
     c.model.dtype = "bfloat16"
     c.optim.lr = 1e-4

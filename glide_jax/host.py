@@ -1,30 +1,21 @@
-"""Host settings glide_jax runs with: XLA:CPU flags on import, and glibc's malloc tunables
-for its command-line tools.
+"""Host tuning for the command-line tools on CPU machines: XLA:CPU flags and glibc's malloc
+tunables. Opt-in: importing glide_jax changes nothing; each tool's `__main__` block calls
+`tune_for_cli()` first, which does nothing on TPU VMs, GPU hosts, or with GLIDE_JAX_XLA_DEFAULTS=0.
 
-XLA reads `XLA_FLAGS` once, when jax creates its CPU client, so these go into the environment
-before that (importing `glide_jax` does it; nothing here imports jax).
+XLA reads `XLA_FLAGS` once, when jax creates its CPU client, so the flags go into the
+environment before that (nothing here imports jax; the tools have not run a computation yet).
 
-Measured on the 2-core CPU VM with jax 0.10.2 (see README "Benchmarks"): the default YNNPACK
-fusions run 64-channel 3x3 convolutions single-threaded (~100 GFLOP/s whether 1 or 2 cores
-are free); with them off XLA uses its Eigen convolutions, which use both cores (~150-200
-GFLOP/s forward, input- and filter-gradient). The bench config's guided sampling call went
-from 0.70 s to 0.49 s and its training step from 5.2 s to 4.2 s.
-
-Huge pages for host memory (`python -m glide_jax.<tool>` only). XLA:CPU allocates each
-execution's temporary buffers afresh (one train step of the bench config: ~1.4 GB); glibc
-serves such sizes with mmap and returns them with munmap, so every step page-faults them in
-again: 350,000 minor faults and 0.7 s of kernel time per step. With glibc's
-`glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages (2 MiB): ~2,200
-faults, 0.15 s of kernel time, and the step is ~8% faster. glibc reads `GLIBC_TUNABLES` only
-at process start, so when a glide_jax tool is started with `python -m glide_jax.<tool>` the
-package re-executes the same command line once (same PID, `os.execv`) with the tunable added.
-Nothing is re-executed when glide_jax is imported any other way (scripts, notebooks, tests),
-on non-Linux / non-glibc hosts, when transparent huge pages are off (`never`) or always on,
-or when `GLIBC_TUNABLES` already names the tunable.
-
-Set `GLIDE_JAX_XLA_DEFAULTS=0` to leave `XLA_FLAGS` and `GLIBC_TUNABLES` alone; a flag you
-already set in `XLA_FLAGS` is never overridden. XLA flags are only applied for the jaxlib
-versions they were measured on (XLA aborts on flags it does not know).
+- XLA:CPU flags: the default YNNPACK fusions run 64-channel 3x3 convolutions single-threaded;
+  with them off XLA uses its Eigen convolutions, which use every core (docs/benchmarks.md, "Host
+  settings"). Applied only for the jaxlib versions they were measured on (XLA aborts on flags
+  it does not know); a flag already in `XLA_FLAGS` is never overridden.
+- Huge pages for host memory: XLA:CPU allocates each execution's temporary buffers afresh;
+  glibc serves such sizes with mmap and returns them with munmap, so every step page-faults them
+  in again. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge
+  pages (2 MiB). glibc reads `GLIBC_TUNABLES` only at process start, so the tool re-executes its
+  own command line once (same PID, `os.execv`) with the tunable added. Not done on non-Linux /
+  non-glibc hosts, when transparent huge pages are off (`never`) or always on, or when
+  `GLIBC_TUNABLES` already names the tunable.
 """
 
 from __future__ import annotations
@@ -33,7 +24,7 @@ import importlib.metadata
 import os
 import platform
 import sys
-from typing import Any, MutableMapping, Sequence
+from typing import Any, MutableMapping
 
 # flag -> value; "" means "none of the optional library fusions".
 CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ""}
@@ -108,27 +99,32 @@ def malloc_tunables(environ: MutableMapping[str, str] = os.environ, glibc: tuple
     return ":".join(p for p in (current, f"{MALLOC_TUNABLE}=1") if p)
 
 
-def launched_as_tool(orig_argv: Sequence[str], argv: Sequence[str]) -> bool:
-    """True while `python [options] -m glide_jax[.tool] ...` is importing the package to locate
-    the tool (Python keeps sys.argv[0] == "-m" until then); False for every other import."""
-    if not argv or argv[0] != "-m" or "-m" not in orig_argv[1:]:
-        return False
-    module = orig_argv[list(orig_argv).index("-m", 1) + 1:][:1]
-    return bool(module) and module[0].split(".")[0] == "glide_jax"
+def on_tpu_vm(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """A Cloud TPU VM (TPU devices or the TPU runtime's environment)."""
+    return bool(environ.get("TPU_WORKER_HOSTNAMES") or environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+                or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0"))
 
 
-def reexec_with_malloc_tunables() -> None:
-    """Re-executes `python -m glide_jax.<tool> ...` once with the huge-page malloc tunable
-    (see the module docstring); returns without doing anything in every other case."""
-    if not launched_as_tool(getattr(sys, "orig_argv", []), sys.argv):
+def on_cpu_host(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether jax will run on the CPU here: JAX_PLATFORMS says so, or no TPU/GPU is attached."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not (on_tpu_vm(environ) or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd"))
+
+
+def tune_for_cli(environ: MutableMapping[str, str] = os.environ) -> None:
+    """What a glide_jax tool's `__main__` calls first: on a CPU host, re-execute once with the
+    huge-page malloc tunable (does not return then), and add the XLA:CPU flags."""
+    if _opted_out(environ) or not on_cpu_host(environ):
         return
-    tunables = malloc_tunables()
-    if tunables is None:
-        return
-    os.environ["GLIBC_TUNABLES"] = tunables
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    tunables = malloc_tunables(environ)
+    if tunables is not None and environ is os.environ:
+        os.environ["GLIBC_TUNABLES"] = tunables
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    apply(environ)
 
 
 def settings() -> dict[str, str]:

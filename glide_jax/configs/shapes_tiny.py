@@ -13,7 +13,7 @@ from glide_jax.config import default_config
 
 
 def get_config():
-    c = default_config()
+    c = default_config("base")
     h = c.model.hparams
     h.image_size = 16
     h.num_channels = 32
@@ -27,8 +27,6 @@ def get_config():
     h.xf_layers = 2
     h.xf_heads = 4
     c.data.name = "synthetic_shapes"
-    c.data.image_size = 16
-    c.data.text_ctx = 16
     c.data.batch_size = 32
     c.data.train_examples = 10000
     c.optim.lr = 1e-3  # constant after warm-up (a 2e-3 cosine-to-0 schedule over 2000 steps scored lower)

@@ -10,13 +10,12 @@ from glide_jax.config import default_config
 
 
 def get_config():
-    c = default_config()
+    c = default_config("base")
     h = c.model.hparams
     h.num_channels = 512
     h.xf_width = 2048
     h.xf_layers = 24
     h.xf_heads = 32
-    c.data.image_size = 64
     c.data.batch_size = 2048
     c.model.dtype = "bfloat16"
     c.model.remat = True
