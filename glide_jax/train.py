@@ -285,6 +285,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, preempt: "Pree
     writer.record(setup.step, run={"kernels": config.model.kernels, "backend": jax.default_backend(),
                                    "devices": jax.device_count(), "mesh": dict(mesh.shape), **host.settings()})
     _log_skipped_files(config, writer, setup.step)
+    if data.damaged:  # data.skip_damaged_shards: left out at start (logged by the pipeline)
+        writer.scalars(setup.step, {"data/damaged_shards": float(len(data.damaged)),
+                                    "data/damaged_records": float(sum(d.records for d in data.damaged))})
     step, num_steps = setup.step, int(config.train.num_steps)
     batch = pipeline.make_global_batch(next(data), mesh, sharding.batch_axes(mesh, config.mesh.rules))
     compiled = _compile(config, setup, batch, mesh, tok, is_main)
