@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pics = images.to_uint8(x)
-    grid = images.grid(pics, args.prompt, scale=max(1, 128 // pics.shape[1]))
+    grid = images.grid(pics, args.prompt, cols=min(8, len(pics)), scale=max(1, 128 // pics.shape[1]))  # rows of <= 8
     out = images.save_png(args.out, grid)
     if args.individual:
         for i, pic in enumerate(pics):
