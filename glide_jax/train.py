@@ -289,7 +289,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, preempt: "Pree
         writer.scalars(setup.step, {"data/damaged_shards": float(len(data.damaged)),
                                     "data/damaged_records": float(sum(d.records for d in data.damaged))})
     step, num_steps = setup.step, int(config.train.num_steps)
-    batch = pipeline.make_global_batch(next(data), mesh, sharding.batch_axes(mesh, config.mesh.rules))
+    batch_axes = sharding.batch_axes(mesh, config.mesh.rules)  # once: the rules do not change in the loop
+    batch = pipeline.make_global_batch(next(data), mesh, batch_axes)
     compiled = _compile(config, setup, batch, mesh, tok, is_main)
     actions = [Every(config.train.log_every, run.log_metrics), Every(config.train.checkpoint_every, run.checkpoint)]
     if experiment.get_kind(hparams).is_generator:
@@ -304,7 +305,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh, preempt: "Pree
             step += 1
             run.window = (run.window[0], run.window[1] + 1)
             run.data_position = data.get_state()  # before the next batch is read ahead
-            batch = pipeline.make_global_batch(next(data), mesh, sharding.batch_axes(mesh, config.mesh.rules)) \
+            batch = pipeline.make_global_batch(next(data), mesh, batch_axes) \
                 if step < num_steps else None
             for action in actions:
                 action(step, last=step == num_steps)
