@@ -66,6 +66,14 @@ def default_config(kind: str = "base") -> ml_collections.ConfigDict:
     c.train.num_steps = 100_000
     c.train.cond_drop = 0.2
     c.train.ema_rate = 0.9999
+    # EMA warm-up: rate min(ema_rate, (1 + step) / (10 + step)), so that a short run's EMA is not
+    # dominated by the random init (the released configs train long and keep it off)
+    c.train.ema_warmup = False
+    # Weighting of the ε-MSE term over timesteps (the VB term is never reweighted):
+    # "uniform" (GLIDE) | "min_snr" (min(SNR, γ)/SNR, γ = min_snr_gamma) | "p2" (1/(1 + SNR)^p2_gamma)
+    c.train.mse_weighting = "uniform"
+    c.train.min_snr_gamma = 5.0
+    c.train.p2_gamma = 1.0
     c.train.micro_batches = 1
     c.train.log_every = 50
     c.train.checkpoint_every = 1000

@@ -18,6 +18,7 @@ must agree, the kernels that will run) and is applied by every loader.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Mapping
 
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from glide_jax import checkpoint, losses, sharding, tokenizer
-from glide_jax.diffusion import schedules
+from glide_jax.diffusion import gaussian, schedules
 from glide_jax.models import defaults, layers
 from glide_jax.models.clip import ClipConfig, ClipModel
 from glide_jax.models.unet import EncoderUNet, EncoderUNetConfig, Text2ImUNet, UNetConfig
@@ -309,11 +310,27 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                  "(it follows the model)")
             config.data[field] = want
         config.model.kernels = resolve_kernels(config.model.get("kernels", "auto"))
+        weighting = config.train.get("mse_weighting", "uniform")
+        if weighting not in gaussian.MSE_WEIGHTINGS:
+            raise SetupError(f"train.mse_weighting={weighting!r} is not one of {list(gaussian.MSE_WEIGHTINGS)}")
+        if weighting != "uniform" and kind.loss is not losses.diffusion_loss:
+            raise SetupError(f"train.mse_weighting={weighting!r} weights a diffusion loss; a {kind.name} model "
+                             "trains with its own loss (leave it 'uniform')")
         if config.data.get("low_res_size", 0) and not kind.name.startswith("upsample"):
             raise SetupError(f"data.low_res_size={config.data.low_res_size} is for upsamplers; a {kind.name} "
                              "model takes no low-resolution input")
     sharding.check_rules(config.mesh.rules)
     return config
+
+
+def loss_for(config) -> losses.LossFn:
+    """The kind's loss with the config's ε-MSE weighting (`train.mse_weighting`) bound."""
+    kind = get_kind(config.model.hparams)
+    weighting = str(config.train.get("mse_weighting", "uniform"))
+    if weighting == "uniform":
+        return kind.loss
+    gamma = float(config.train.min_snr_gamma if weighting == "min_snr" else config.train.p2_gamma)
+    return functools.partial(kind.loss, mse_weighting=weighting, gamma=gamma)
 
 
 def config_fingerprint(config) -> dict:

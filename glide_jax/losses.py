@@ -30,8 +30,13 @@ def timestep_quartile_means(per_example: jax.Array, t: jax.Array, num_timesteps:
     return out
 
 
-def diffusion_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict]:
-    """GLIDE's hybrid loss (ε-MSE + VB for the learned Σ) at uniform timesteps."""
+def diffusion_loss(params, batch, rng, *, model, sched, mse_weighting: str = "uniform",
+                   gamma: float = 5.0) -> tuple[jax.Array, dict]:
+    """GLIDE's hybrid loss (ε-MSE + VB for the learned Σ) at uniform timesteps.
+
+    `mse_weighting` / `gamma` weight the ε-MSE term per timestep (`gaussian.mse_weights`;
+    "uniform" is GLIDE's loss); the VB term is never reweighted.
+    """
     x0 = batch["image"]
     b = x0.shape[0]
     t_rng, n_rng, d_rng = jax.random.split(rng, 3)
@@ -47,7 +52,8 @@ def diffusion_loss(params, batch, rng, *, model, sched) -> tuple[jax.Array, dict
         {"params": params}, x_t, sched.timestep_map[t], batch["tokens"], batch["mask"],
         train=True, rngs={"dropout": d_rng}, **kwargs,
     ).astype(jnp.float32)
-    terms = gaussian.training_losses(sched, out, x0, noise, t)
+    weight = None if mse_weighting == "uniform" else gaussian.mse_weights(sched, t, mse_weighting, gamma=gamma)
+    terms = gaussian.training_losses(sched, out, x0, noise, t, weight)
     loss = jnp.mean(terms["loss"])
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"])}
     metrics.update(timestep_quartile_means(terms["loss"], t, num_t))

@@ -226,6 +226,19 @@ def generate(
 schedule_for = experiment.schedule_for
 
 
+# The recommended fast setting (`--sampler fast`): ancestral DDPM with the learned variance at 25
+# evaluations kept DDPM-100's colour adherence in docs/benchmarks.md, where the deterministic and
+# multistep solvers at <= 25 evaluations did not.
+FAST = ("ddpm", 25)
+
+
+def sampler_and_steps(sampler: str, steps: str | int | None) -> tuple[str, str]:
+    """CLI (sampler, steps) -> concrete ones: "fast" names `FAST`; steps None = the default."""
+    if sampler == "fast":
+        return FAST[0], str(FAST[1] if steps is None else steps)
+    return sampler, str(50 if steps is None else steps)
+
+
 def respacing_for(sampler: str, steps: int | str, hparams: Mapping[str, Any] | None = None) -> str:
     """`--steps N` (model evaluations) -> the respacing string: "ddimN" for DDIM (evenly strided),
     "N" for ddpm / dpm++, and for the newer samplers the spacing that suits them
@@ -468,10 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", default=[], help="a caption (repeat for several)")
     parser.add_argument("--guidance", choices=GUIDANCE, default="cfg")
     parser.add_argument("--scale", type=_finite_float, default=3.0, help="guidance scale")
-    parser.add_argument("--steps", default="50", help="sampling steps (or a respacing string, e.g. fast27)")
-    parser.add_argument("--sampler", choices=sampling.SAMPLERS, default="ddpm",
+    parser.add_argument("--steps", default=None,
+                        help="sampling steps = model evaluations (default 50; --sampler fast: "
+                             f"{FAST[1]}), or a respacing string, e.g. fast27")
+    parser.add_argument("--sampler", choices=sampling.SAMPLERS + ("fast",), default="ddpm",
                         help="ddpm (ancestral, GLIDE default), ddim (eta 0), dpm++ (2M), sde-dpm++ (stochastic 2M), "
-                             "unipc (order 2), restart; --steps counts model evaluations")
+                             f"unipc (order 2), restart; fast = the recommended fast setting ({FAST[0]}, "
+                             f"{FAST[1]} evaluations); --steps counts model evaluations")
     parser.add_argument("--cfg-interval", metavar="LO,HI", type=_interval, default=None,
                         help="classifier-free guidance only for original timesteps LO..HI (0..999); elsewhere the "
                              "unconditional half is not computed")
@@ -488,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--upsample", metavar="DIR", help="upsampler checkpoint: base -> upsampler cascade "
                         "(fast27, temperature 0.997)")
     args = parser.parse_args(argv)
+    args.sampler, args.steps = sampler_and_steps(args.sampler, args.steps)
     if (args.inpaint is None) != (args.mask is None):
         parser.error("--inpaint and --mask go together")
     if args.guidance in experiment.GUIDES:

@@ -52,7 +52,7 @@ def make_jitted_step(config, model, tx, shardings_state, batch_shardings, mesh, 
     """The jitted `train_step` for this config, state donated, activations batch-sharded."""
     step_fn = functools.partial(
         train_step,
-        loss_fn=experiment.get_kind(config.model.hparams).loss,
+        loss_fn=experiment.loss_for(config),
         model=model,
         sched=experiment.schedule_for(config.model.hparams),
         tx=tx,
@@ -61,6 +61,7 @@ def make_jitted_step(config, model, tx, shardings_state, batch_shardings, mesh, 
         pad_id=pad_id,
         ema_rate=float(config.train.ema_rate),
         micro_batches=int(config.train.micro_batches),
+        ema_warmup=bool(config.train.get("ema_warmup", False)),
     )
     rules = config.mesh.rules
 

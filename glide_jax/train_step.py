@@ -30,6 +30,15 @@ def drop_captions(batch: dict, rng: jax.Array, p: float | jax.Array, pad_id: int
     return out, drop
 
 
+def ema_rate_at(step: jax.Array, ema_rate: float, warmup: bool) -> jax.Array:
+    """The EMA rate used at `step`: `ema_rate`, or with warm-up min(ema_rate, (1+step)/(10+step))."""
+    rate = jnp.asarray(ema_rate, jnp.float32)
+    if not warmup:
+        return rate
+    s = step.astype(jnp.float32)
+    return jnp.minimum(rate, (1.0 + s) / (10.0 + s))
+
+
 def _split_micro(batch: dict, n: int) -> dict:
     """[B, ...] -> [n, B/n, ...] taking strided rows, so each micro-batch spans every device."""
 
@@ -56,6 +65,7 @@ def train_step(
     pad_id: int,
     ema_rate: float,
     micro_batches: int = 1,
+    ema_warmup: bool = False,
 ) -> tuple[TrainState, dict]:
     """One optimizer step (forward + backward over micro-batches, AdamW, EMA).
 
@@ -64,6 +74,7 @@ def train_step(
       batch: dict of global arrays, leading axis = global batch B (image [B,S,S,3] in [-1,1],
         tokens [B,L] int32, mask [B,L] bool, optional low_res / inpaint_* / label).
       rng: the run's base key; the step key is fold_in(rng, state.step).
+      ema_warmup: use min(ema_rate, (1 + step) / (10 + step)) as the EMA rate.
     Returns:
       (new state, metrics). A step whose loss or gradients are not finite is not applied:
       params, EMA and optimizer state stay as they were and `bad_steps` counts up.
@@ -96,13 +107,14 @@ def train_step(
         # quartile sums/counts add up across micro-batches rather than average
         metrics = {k: (v * micro_batches if k.endswith(("_sum", "_count")) else v) for k, v in metrics.items()}
 
+    rate = ema_rate_at(state.step, ema_rate, ema_warmup)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
 
     def apply(grads, params, opt_state, ema_params):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, ema_update(ema_params, params, ema_rate)
+        return params, opt_state, ema_update(ema_params, params, rate)
 
     def skip(grads, params, opt_state, ema_params):
         return params, opt_state, ema_params
@@ -124,5 +136,6 @@ def train_step(
         lr=lr_fn(state.step),
         finite=finite.astype(jnp.float32),
         cond_drop_frac=jnp.mean(dropped.astype(jnp.float32)),
+        ema_rate=rate,
     )
     return new_state, metrics

@@ -338,3 +338,24 @@ def test_class_label_for_classifier_training():
     record = {"colors": np.array([4, 1]), "shapes": np.array([2, 0])}
     assert class_label(record) == 4 * len(shapes.SHAPES) + 2
     assert class_label({"caption": b"x"}) is None
+
+
+def _prepare_in_subprocess(data_dir, q):
+    builder = pipeline.prepare(data_config(data_dir, train_examples=16))
+    q.put(str(builder.data_dir))
+
+
+def test_two_processes_preparing_one_dataset_do_not_race(tmp_path):
+    """Two runs started together on an empty data dir: one generates, the other waits on the
+    lock and reads the same prepared version (without the lock tfds' final rename collides)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_prepare_in_subprocess, args=(tmp_path, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    dirs = {q.get(timeout=5), q.get(timeout=5)}
+    assert len(dirs) == 1 and pipeline.get_builder(data_config(tmp_path, train_examples=16)).is_prepared()

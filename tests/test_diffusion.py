@@ -78,3 +78,41 @@ def test_check_array_rules():
     off_t0, off_t5 = vb * np.float32([1.04, 1.0]), vb * np.float32([1.0, 1.04])
     assert check.check_array("train.vb", off_t0, vb, kind="diffusion", inputs=inputs)[0]
     assert not check.check_array("train.vb", off_t5, vb, kind="diffusion", inputs=inputs)[0]
+
+
+def test_mse_weightings_follow_their_formulas():
+    import jax.numpy as jnp
+    from glide_jax.diffusion import gaussian
+    from glide_jax.experiment import schedule_for
+    sched = schedule_for({"noise_schedule": "cosine", "diffusion_steps": 1000})
+    t = jnp.arange(0, 1000, 37)
+    snr = np.asarray(gaussian.snr(sched, t))
+    a = np.asarray(sched.alphas_cumprod)[np.asarray(t)]
+    np.testing.assert_allclose(snr, a / (1 - a), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(gaussian.mse_weights(sched, t, "uniform")), 1.0)
+    w = np.asarray(gaussian.mse_weights(sched, t, "min_snr", gamma=5.0))
+    np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-5)
+    assert np.all(w[snr <= 5.0] == 1.0) and np.all(w[snr > 5.0] < 1.0) and w[0] < 0.01
+    p2 = np.asarray(gaussian.mse_weights(sched, t, "p2", gamma=1.0))
+    np.testing.assert_allclose(p2, 1.0 / (1.0 + snr), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown MSE weighting"):
+        gaussian.mse_weights(sched, t, "snr+")
+
+
+def test_weighted_hybrid_loss_reweights_only_the_eps_term():
+    import jax
+    import jax.numpy as jnp
+    from glide_jax.diffusion import gaussian
+    from glide_jax.experiment import schedule_for
+    sched = schedule_for({"noise_schedule": "cosine", "diffusion_steps": 1000})
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    x0 = jax.random.uniform(k[0], (4, 8, 8, 3), minval=-1, maxval=1)
+    noise = jax.random.normal(k[1], x0.shape)
+    out = jax.random.normal(k[2], (4, 8, 8, 6)) * 0.5
+    t = jnp.array([0, 10, 500, 999])
+    plain = gaussian.training_losses(sched, out, x0, noise, t)
+    w = gaussian.mse_weights(sched, t, "min_snr")
+    weighted = gaussian.training_losses(sched, out, x0, noise, t, w)
+    np.testing.assert_allclose(weighted["vb"], plain["vb"])
+    np.testing.assert_allclose(weighted["mse"], plain["mse"])
+    np.testing.assert_allclose(weighted["loss"], plain["mse"] * w + plain["vb"], rtol=1e-6)

@@ -465,3 +465,11 @@ def test_guidance_scale_schedules():
         guidance.classifier_free(model_fn, 3.0, scale_schedule="quadratic")
     with pytest.raises(ValueError):
         guidance.classifier_free(model_fn, 3.0, interval=(700, 200))
+
+
+def test_sampler_fast_names_the_recommended_setting():
+    from glide_jax.sample import FAST, sampler_and_steps
+    assert sampler_and_steps("fast", None) == (FAST[0], str(FAST[1]))
+    assert sampler_and_steps("fast", "20") == (FAST[0], "20")
+    assert sampler_and_steps("unipc", None) == ("unipc", "50")
+    assert sampler_and_steps("ddpm", "fast27") == ("ddpm", "fast27")

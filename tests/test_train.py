@@ -150,3 +150,25 @@ def test_same_train_step_serves_every_model_kind(kind):
     changed = [not np.array_equal(a, c) for a, c in zip(jax.tree.leaves(before),
                                                         jax.tree.leaves(jax.device_get(state.params)))]
     assert sum(changed) > 0.2 * len(changed), kind  # zero-init layers open up one step at a time
+
+
+def test_ema_warmup_rate():
+    import jax.numpy as jnp
+    from glide_jax.train_step import ema_rate_at
+    steps = jnp.array([0, 1, 10, 100, 10_000])
+    np.testing.assert_allclose(ema_rate_at(steps, 0.995, False), 0.995)
+    np.testing.assert_allclose(ema_rate_at(steps, 0.995, True), [0.1, 2 / 11, 11 / 20, 101 / 110, 0.995], rtol=1e-6)
+
+
+def test_mse_weighting_is_checked_against_the_kind():
+    from glide_jax import configs_loader, experiment
+    config = configs_loader.load("classifier64")
+    config.train.mse_weighting = "min_snr"
+    with pytest.raises(experiment.SetupError, match="weights a diffusion loss"):
+        experiment.finalize(config)
+    config = configs_loader.load("shapes_tiny")
+    config.train.mse_weighting = "minsnr"
+    with pytest.raises(experiment.SetupError, match="not one of"):
+        experiment.finalize(config)
+    config.train.mse_weighting = "min_snr"
+    assert experiment.loss_for(experiment.finalize(config)).keywords == {"mse_weighting": "min_snr", "gamma": 5.0}

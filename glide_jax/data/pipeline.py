@@ -50,10 +50,13 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import itertools
 import logging
 import os
+import pathlib
 import re
 import time
 from typing import Any, Mapping, Sequence
@@ -140,6 +143,19 @@ def prepared_builder(path: str) -> tfds.core.DatasetBuilder:
     return builder
 
 
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str):
+    """An exclusive lock file beside a local dataset directory (none for remote paths)."""
+    if "://" in data_dir:
+        yield
+        return
+    lock_dir = pathlib.Path(data_dir).parent
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     """Generates the embedded datasets (shapes, folders) when missing; other tfds datasets must
     already be prepared in array_record format. Call on one process first when several share
@@ -151,9 +167,14 @@ def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
                 f"tfds dataset {cfg['name']!r} is not prepared in {builder.data_dir}; prepare "
                 "it first (`python -m glide_jax.data.prepare`, or `tfds build "
                 "--file_format=array_record` for a tfds catalog dataset)")
-        t0 = time.perf_counter()
-        builder.download_and_prepare(file_format="array_record")
-        logging.info("prepared %s in %.1fs", builder.data_dir, time.perf_counter() - t0)
+        # Two runs started together on one data dir would both generate and race on tfds' final
+        # rename: the second waits on a lock file and then finds the dataset prepared.
+        with _prepare_lock(str(builder.data_dir)):
+            builder = get_builder(cfg)
+            if not builder.is_prepared():
+                t0 = time.perf_counter()
+                builder.download_and_prepare(file_format="array_record")
+                logging.info("prepared %s in %.1fs", builder.data_dir, time.perf_counter() - t0)
     return builder
 
 

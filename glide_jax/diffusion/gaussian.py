@@ -228,16 +228,47 @@ def vb_terms_bpd(sched: Schedule, model_output: Array, x_start: Array, x_t: Arra
     return jnp.where(t == 0, nll, kl)
 
 
+MSE_WEIGHTINGS = ("uniform", "min_snr", "p2")
+
+
+def snr(sched: Schedule, t: Array) -> Array:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) at integer timesteps t [B] -> [B]."""
+    a = sched.alphas_cumprod[t]
+    return a / (1.0 - a)
+
+
+def mse_weights(sched: Schedule, t: Array, weighting: str = "uniform", *, gamma: float = 5.0,
+                p2_k: float = 1.0) -> Array:
+    """Per-example weights [B] of the ε-MSE term at timesteps t [B].
+
+    - "uniform": 1 (GLIDE, guided-diffusion).
+    - "min_snr": min(SNR_t, γ) / SNR_t, Min-SNR-γ for ε prediction (Hang et al. 2023, γ = 5):
+      low-noise steps, whose ε targets are nearly free to fit, stop dominating the gradient.
+    - "p2": 1 / (k + SNR_t)^γ, perception-prioritised weighting (Choi et al. 2022, k = 1, γ = 1
+      there; here `gamma` is P2's γ).
+    """
+    if weighting == "uniform":
+        return jnp.ones(t.shape, jnp.float32)
+    s = snr(sched, t).astype(jnp.float32)
+    if weighting == "min_snr":
+        return jnp.minimum(s, gamma) / s
+    if weighting == "p2":
+        return (p2_k + s) ** (-gamma)
+    raise ValueError(f"unknown MSE weighting {weighting!r}; known: {MSE_WEIGHTINGS}")
+
+
 def training_losses(sched: Schedule, model_output: Array, x_start: Array, noise: Array,
-                    t: Array) -> dict[str, Array]:
+                    t: Array, mse_weight: Array | None = None) -> dict[str, Array]:
     """guided-diffusion's hybrid loss (ε prediction, learned-range σ, RESCALED_MSE).
 
     The model output [B,H,W,2C] must have been computed at x_t = q_sample(sched, x_start, t, noise)
     (recomputed here). mse = mean (noise − ε)²; vb = vb_terms_bpd with ε held constant
-    (stop_gradient, so only v learns from it) times N/1000; loss = mse + vb.
+    (stop_gradient, so only v learns from it) times N/1000; loss = w·mse + vb, with the optional
+    per-example `mse_weight` w [B] (see `mse_weights`) on the ε term only: the VB term, which
+    trains Σ, keeps its own weighting.
 
     Returns:
-        dict(x_t [B,H,W,C], mse [B], vb [B], loss [B]).
+        dict(x_t [B,H,W,C], mse [B] (unweighted), vb [B], loss [B]).
     """
     x_t = q_sample(sched, x_start, t, noise)
     eps, v = split_model_output(model_output)
@@ -245,4 +276,5 @@ def training_losses(sched: Schedule, model_output: Array, x_start: Array, noise:
     vb = vb_terms_bpd(sched, frozen, x_start, x_t, t, clip_denoised=False)
     vb = vb * (sched.num_timesteps / 1000.0)
     mse = mean_flat((noise - eps) ** 2)
-    return {"x_t": x_t, "mse": mse, "vb": vb, "loss": mse + vb}
+    weighted = mse if mse_weight is None else mse * mse_weight
+    return {"x_t": x_t, "mse": mse, "vb": vb, "loss": weighted + vb}
