@@ -36,5 +36,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "wheel"],
         "beam": ["apache-beam==2.77.0"],
+        # the TPU compiler, for `python -m glide_jax.plan --tpu SLICE` on any machine; the version
+        # jax[tpu]==0.10.2 pins (pip resolves it to libtpu 0.0.42.1)
+        "tpu": ["libtpu==0.0.42.*"],
     },
 )

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from glide_jax import configs_loader, experiment, host, sharding, train
+from glide_jax import configs_loader, experiment, host, sharding, tpu, train
 from glide_jax.config import default_config
 from glide_jax.data import pipeline
 from glide_jax.diffusion import guidance as G
@@ -69,11 +69,16 @@ class Chip:
 
 
 # Order matters: the first chip whose pattern is in device_kind wins ("tpu v5 lite" before "tpu v5").
+def _tpu(gen: str, *kinds: str) -> Chip:
+    c = tpu.CHIPS[gen]  # the TPU facts live in glide_jax.tpu
+    return Chip(c.name, c.peak_flops, c.hbm_bytes / 2**30, kinds)
+
+
 CHIPS: dict[str, Chip] = {
-    "v6e": Chip("TPU v6e", 918e12, 32, ("tpu v6 lite", "tpu v6e")),
-    "v5e": Chip("TPU v5e", 197e12, 16, ("tpu v5 lite", "tpu v5e")),
-    "v5p": Chip("TPU v5p", 459e12, 95, ("tpu v5p", "tpu v5")),
-    "v4": Chip("TPU v4", 275e12, 32, ("tpu v4",)),
+    "v6e": _tpu("v6e", "tpu v6 lite", "tpu v6e"),
+    "v5e": _tpu("v5e", "tpu v5 lite", "tpu v5e"),
+    "v5p": _tpu("v5p", "tpu v5p", "tpu v5"),
+    "v4": _tpu("v4", "tpu v4"),
     "a100": Chip("NVIDIA A100", 312e12, 80, ("a100",)),
     "h200": Chip("NVIDIA H200", 989e12, 141, ("h200",)),
     "h100": Chip("NVIDIA H100 SXM", 989e12, 80, ("h100",)),

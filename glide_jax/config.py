@@ -84,6 +84,9 @@ def default_config(kind: str = "base") -> ml_collections.ConfigDict:
     # Several processes: how often (in steps) they agree on whether any got SIGTERM; each agreement
     # is one small all-gather. All stop at the same step, at most this many steps after the signal.
     c.train.preempt_check_every = 10
+    # jax's persistent compilation cache (glide_jax.compile_cache): "" = WORKDIR/compile_cache,
+    # "none" = off, else a local or gs:// directory (a resumed or repeated run skips its compiles)
+    c.train.compile_cache_dir = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

@@ -5,6 +5,8 @@ tunables. Opt-in: importing glide_jax changes nothing; each tool's `__main__` bl
 XLA reads `XLA_FLAGS` once, when jax creates its CPU client, so the flags go into the
 environment before that (nothing here imports jax; the tools have not run a computation yet).
 
+- JAX_PLATFORMS=cpu where no accelerator is attached (`pin_cpu_platform`): with libtpu
+  installed, jax would otherwise try (and fail) to start the TPU backend in every process.
 - XLA:CPU flags: the default YNNPACK fusions run 64-channel 3x3 convolutions single-threaded;
   with them off XLA uses its Eigen convolutions, which use every core (docs/benchmarks.md, "Host
   settings"). Applied only for the jaxlib versions they were measured on (XLA aborts on flags
@@ -113,9 +115,31 @@ def on_cpu_host(environ: MutableMapping[str, str] = os.environ) -> bool:
     return not (on_tpu_vm(environ) or os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd"))
 
 
+def pin_cpu_platform(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """JAX_PLATFORMS=cpu when nothing chose a platform and no TPU/GPU is attached; returns
+    whether it did.
+
+    With libtpu installed (the [tpu] extra, for `glide_jax.plan --tpu`), jax otherwise tries the
+    TPU backend in every process: five lines of libtpu warnings on stderr, ~230 MB more resident
+    memory and a log file in /tmp/tpu_logs, before it falls back to the CPU (docs/tpu.md). The
+    TPU compiler stays reachable (`jax.experimental.topologies` loads libtpu itself). A tool's
+    `__main__` runs after its module imported jax, which read JAX_PLATFORMS at import: its
+    config is updated too while no backend has started.
+    """
+    if environ.get("JAX_PLATFORMS") or not on_cpu_host(environ):
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    jax = sys.modules.get("jax") if environ is os.environ else None
+    if jax is not None and jax.config.jax_platforms is None:
+        jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def tune_for_cli(environ: MutableMapping[str, str] = os.environ) -> None:
-    """What a glide_jax tool's `__main__` calls first: on a CPU host, re-execute once with the
-    huge-page malloc tunable (does not return then), and add the XLA:CPU flags."""
+    """What a glide_jax tool's `__main__` calls first: on a CPU host, pin jax to the CPU
+    (`pin_cpu_platform`), re-execute once with the huge-page malloc tunable (does not return
+    then), and add the XLA:CPU flags (those two not with GLIDE_JAX_XLA_DEFAULTS=0)."""
+    pin_cpu_platform(environ)
     if _opted_out(environ) or not on_cpu_host(environ):
         return
     tunables = malloc_tunables(environ)

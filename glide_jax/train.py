@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from glide_jax import checkpoint, configs_loader, experiment, host, images, sharding, workdir as workdir_lib
+from glide_jax import checkpoint, compile_cache, configs_loader, experiment, host, images, sharding, workdir as workdir_lib
 from glide_jax.console import setup_logging
 from glide_jax.convert import load_converted
 from glide_jax.data import folder, pipeline
@@ -256,6 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
             refused = "process 0 could not lock the workdir (see its error)"
     if refused:
         raise TrainingError(refused)
+    # before the first compile (init, step), so a resumed or repeated run reads them back
+    cache_dir = compile_cache.enable(config.train.get("compile_cache_dir", ""), workdir)
+    if cache_dir and jax.process_index() == 0:
+        log.info("compilation cache: %s", cache_dir)
     try:
         return _train(config, workdir, mesh, preempt, force_new=force_new)
     finally:

@@ -5,6 +5,7 @@ import pathlib
 
 from glide_jax import host
 
+host.pin_cpu_platform()  # the [tpu] extra's libtpu would otherwise start in every test process
 host.apply()
 
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"

@@ -1,0 +1,42 @@
+"""glide_jax.compile_cache: where `train.compile_cache_dir` puts jax's persistent cache (fresh
+processes: the cache settings are process-global)."""
+import json
+import os
+import subprocess
+import sys
+
+CODE = """
+import json, sys, jax, jax.numpy as jnp
+from glide_jax import compile_cache
+d = compile_cache.enable(sys.argv[1], sys.argv[2] or None)
+if len(sys.argv) > 3:
+    jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps([d, jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+                  jax.config.jax_persistent_cache_min_entry_size_bytes]))
+"""
+
+
+def _enable(setting, workdir, *extra, **env_extra):
+    """compile_cache.enable(setting, workdir) in a fresh process without the suite's cache settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(JAX_PLATFORMS="cpu", **env_extra)
+    p = subprocess.run([sys.executable, "-c", CODE, setting, workdir, *extra], capture_output=True, text=True,
+                       env=env, timeout=120, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_default_is_the_workdirs_and_small_programs_are_cached(tmp_path):
+    d, configured, min_time, min_size = _enable("", str(tmp_path))
+    assert d == configured == str(tmp_path / "compile_cache") and min_time == 0.1 and min_size == -1
+    # a threshold from the environment wins; with 0 even this tiny program is written
+    assert _enable("", str(tmp_path), "compile", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")[2] == 0
+    assert any((tmp_path / "compile_cache").iterdir())
+
+
+def test_none_off_and_explicit_dirs_pass_through(tmp_path):
+    assert _enable("none", str(tmp_path))[:2] == [None, None]
+    assert _enable("gs://bucket/cache", str(tmp_path))[:2] == ["gs://bucket/cache"] * 2
+    # a process that already has a cache directory (the test suite's) keeps it by default
+    suite = str(tmp_path / "suite")
+    assert _enable("", str(tmp_path), JAX_COMPILATION_CACHE_DIR=suite)[:2] == [suite, suite]
+    assert _enable(str(tmp_path / "mine"), str(tmp_path), JAX_COMPILATION_CACHE_DIR=suite)[0] == str(tmp_path / "mine")

@@ -1,0 +1,149 @@
+"""The planner on real TPU compilers (libtpu, compile only: no TPU here): test_tiny's train and
+sample steps for a v5e 2x2 (`v5litepod-4`) and a v4 megacore (`v4-8`) slice; the slice table;
+the collectives parser; the user errors."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from glide_jax import plan, tpu
+
+needs_libtpu = pytest.mark.skipif(not tpu.libtpu_available(),
+                                  reason=f"libtpu is not installed ({tpu.INSTALL_HINT})")
+
+SLICES = ("v5litepod-4", "v4-8")
+# Every plan of the four, from one subprocess: one process start and one libtpu load for all
+# compiles (~4 x 10-40 s here); also checks that every slice's topology has its table's hosts.
+SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from glide_jax import host, plan, tpu
+    host.pin_cpu_platform()
+    hosts = {name: len({d.process_index for d in tpu.compile_devices(s)})
+             for name, s in tpu.SLICES.items()}
+    out = {"hosts": hosts, "plans": {}}
+    for slc in sys.argv[1:]:
+        for program in ("train", "sample"):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                rc = plan.main(["--config", "test_tiny", "--tpu", slc, "--program", program, "--json"])
+            out["plans"][f"{slc}/{program}"] = json.loads(buf.getvalue()) if rc == 0 else rc
+    print(json.dumps(out))
+""")
+
+FIELDS = ("backend", "slice", "chips", "hosts", "mesh", "hbm_bytes_per_chip", "hbm", "hbm_capacity_bytes", "fits",
+          "compile_s", "host_peak_rss_bytes", "flops_per_chip", "bytes_accessed_per_chip", "roofline_s",
+          "roofline_mfu", "collectives", "all_to_all")
+# jax primitives whose sharding changes the partitioner implements with all-to-alls in these programs
+# (plan.all_to_all_sources, docs/tpu.md): matmuls with an FSDP-split contracting dimension and the
+# elementwise ops beside them, gradient sums of replicated parameters, CFG's row concatenation.
+EXPLAINED_ALL_TO_ALL = {"dot_general", "mul", "add_any", "select_n", "concatenate", "reduce_sum",
+                        "conv_general_dilated", "transpose", "reshape", "convert_element_type"}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    p = subprocess.run([sys.executable, "-c", SCRIPT, *SLICES], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@needs_libtpu
+def test_topologies_have_the_tables_hosts(plans):
+    assert plans["hosts"] == {n: s.hosts for n, s in tpu.SLICES.items()}
+
+
+@needs_libtpu
+@pytest.mark.parametrize("slc", SLICES)
+@pytest.mark.parametrize("program", ("train", "sample"))
+def test_test_tiny_on_tpu(plans, slc, program):
+    r = plans["plans"][f"{slc}/{program}"]
+    assert isinstance(r, dict), f"plan exited {r}"
+    s = tpu.get_slice(slc)
+    assert not [f for f in FIELDS if f not in r]
+    assert r["backend"] == "tpu" and r["slice"] == slc and r["chips"] == s.chips == 4 and r["hosts"] == 1
+    assert r["fits"] and 0 < r["hbm_bytes_per_chip"] <= r["hbm_capacity_bytes"] == s.chip.hbm_bytes
+    h = r["hbm"]
+    assert r["hbm_bytes_per_chip"] == h["arguments"] + h["outputs"] - h["aliased"] + h["temp"]
+    if program == "train":  # FSDP: every chip holds a quarter of the parameters
+        assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+        assert h["params"] == pytest.approx(r["params_bytes_unsharded"] / 4, rel=0.15)
+        assert h["aliased"] > 0  # the donated state
+    else:  # sampling replicates the weights and splits the 2 x 8 CFG rows over the chips
+        assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["model_rows"] == 16
+        assert h["params"] == r["params_bytes_unsharded"]
+    assert r["flops_per_chip"] > 0 and r["bytes_accessed_per_chip"] > 0
+    assert r["roofline_s"] == pytest.approx(max(r["flops_per_chip"] / s.chip.peak_flops,
+                                                r["bytes_accessed_per_chip"] / s.chip.hbm_bandwidth))
+    assert 0 < r["roofline_mfu"] <= 1
+    assert r["compile_s"] > 0 and r["host_peak_rss_bytes"] > 2**27
+    # all-to-alls: absent, or small exchanges at the explained primitives (not parameter traffic)
+    a2a, coll = r["all_to_all"], r["collectives"]
+    assert a2a["count"] == coll.get("all-to-all", {}).get("count", 0)
+    assert set(a2a["by_primitive"]) <= EXPLAINED_ALL_TO_ALL, a2a
+    if program == "train":
+        assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
+        assert a2a["bytes"] < 0.05 * coll["all-gather"]["bytes"]
+
+
+def test_slice_table():
+    v4 = tpu.get_slice("v4-8")
+    assert (v4.chips, v4.hosts, v4.topology, v4.topology_kwargs()) == (4, 1, "v4:2x2x1",
+                                                                        {"chip_config_name": "megacore"})
+    assert (tpu.get_slice("v4-32").chips, tpu.get_slice("v4-32").hosts) == (16, 4)
+    v5p = tpu.get_slice("v5p-128")
+    assert (v5p.chips, v5p.hosts, v5p.topology) == (64, 16, "v5p:4x4x4")
+    v5e = tpu.get_slice("v5litepod-4")
+    assert (v5e.chips, v5e.hosts, v5e.topology, v5e.topology_kwargs()) == (4, 1, "v5e:2x2", {})
+    assert tpu.get_slice("v5litepod-8").topology_kwargs() == {"chips_per_host_bounds": [2, 4, 1]}
+    assert (tpu.get_slice("v5litepod-16").hosts, tpu.get_slice("v6e-8").hosts, tpu.get_slice("v6e-256").hosts) \
+        == (4, 1, 64)
+    assert tpu.get_slice(" V6E-8 ").chip is tpu.CHIPS["v6e"]
+    assert tpu.CHIPS["v5e"].hbm_bytes == 16 * 2**30 and tpu.CHIPS["v5p"].peak_flops == 459e12
+    assert tpu.CHIPS["v4"].hbm_bandwidth == 1.2e12 and tpu.CHIPS["v6e"].hbm_bandwidth == 1.638e12
+    for name, s in tpu.SLICES.items():
+        cores = int(name.rsplit("-", 1)[1])
+        assert s.chips == (cores // 2 if s.chip.megacore else cores)
+        assert s.chips == eval(s.shape.replace("x", "*"))
+    with pytest.raises(tpu.SliceError, match="known: v4-8, v4-16"):
+        tpu.get_slice("v5e-4")
+
+
+def test_collectives_parser():
+    hlo = textwrap.dedent("""
+        %ag-start = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %p), dimensions={0}
+        %ag-done = bf16[16,8]{1,0:T(8,128)(2,1)} all-gather-done((bf16[4,8]{1,0}, bf16[16,8]{1,0}) %ag-start)
+        %all-reduce.1 = (f32[10]{0}, f32[2,3]{1,0}) all-reduce(f32[10]{0} %a, f32[2,3]{1,0} %b), to_apply=%add
+        ROOT %all-to-all.2 = f32[4,1,128]{2,1,0} all-to-all(%x), dimensions={0}, metadata={op_name="A/transpose(B)/mul"}
+        %fusion.3 = f32[8]{0} fusion(%all-reduce.1), kind=kLoop, calls=%fused_computation
+    """)
+    assert plan.collectives(hlo) == {"all-gather": {"count": 1, "bytes": 16 * 8 * 2},
+                                     "all-reduce": {"count": 1, "bytes": 4 * 16},
+                                     "all-to-all": {"count": 1, "bytes": 4 * 128 * 4}}
+    a2a = plan.all_to_all_sources(hlo)
+    assert (a2a["count"], a2a["backward"], a2a["by_primitive"]) == (1, 1, {"mul": 1})
+
+
+def test_search_meshes():
+    meshes = plan._meshes(4, 8)
+    assert meshes[0] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert {"data": 4, "fsdp": 1, "tensor": 1} in meshes and {"data": 1, "fsdp": 1, "tensor": 4} in meshes
+    assert all(m["data"] * m["fsdp"] * m["tensor"] == 4 for m in meshes)
+    assert plan._meshes(4, 2) == [m for m in meshes if 2 % (m["data"] * m["fsdp"]) == 0]
+
+
+def test_bad_slice_exits_2_with_the_list():
+    p = subprocess.run([sys.executable, "-m", "glide_jax.plan", "--config", "test_tiny", "--tpu", "v9-8"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown TPU slice 'v9-8'")
+    assert all(name in lines[0] for name in ("v4-8", "v5litepod-4", "v5p-128", "v6e-8"))
+
+
+def test_without_libtpu_exits_2_with_the_install_hint(monkeypatch, capsys):
+    monkeypatch.setattr(tpu, "libtpu_available", lambda: False)
+    assert plan.main(["--config", "test_tiny", "--tpu", "v5litepod-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "pip install '.[tpu]'" in err[0]
