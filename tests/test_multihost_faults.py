@@ -137,11 +137,10 @@ def check_preempted(results, grace, before):
 
 @pytest.mark.slow
 def test_sigterm_to_both_then_to_one_host_resumes_bit_identical(tmp_path):
-    # the uninterrupted two-process run
+    # the uninterrupted two-process run, launched beside A (the steps mostly sleep, so the two
+    # launches overlap rather than take turns)
     base = tmp_path / "base"
-    results = finish(start(base, tmp_path / "logs_base"))
-    assert all(rc == 0 and r == {"process": i, "step": STEPS} for i, (rc, r, _) in enumerate(results)), results
-    assert steps_in(base) == [4, 8, 10]
+    base_procs = start(base, tmp_path / "logs_base")
 
     run = tmp_path / "run"
     # A: SIGTERM to both processes, 2 s apart
@@ -154,6 +153,9 @@ def test_sigterm_to_both_then_to_one_host_resumes_bit_identical(tmp_path):
     results = finish(procs, timeout=GRACE_S + 30)
     a = check_preempted(results, time.time() - t0, 0)
     assert a in steps_in(run)
+    results = finish(base_procs)
+    assert all(rc == 0 and r == {"process": i, "step": STEPS} for i, (rc, r, _) in enumerate(results)), results
+    assert steps_in(base) == [4, 8, 10]
     assert restore(run, a)[1] == {"step": a}
 
     # B: the next start resumes at a; SIGTERM to process 1 only (process 0 holds the workdir lock
