@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install shellcheck clean
+.PHONY: demo miniature test install shellcheck clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,beam]'
+	$(PY) -m pip install --quiet -e '.[test,beam,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,10 +23,14 @@ shellcheck:
 	  else echo "shellcheck: not installed and no root apt-get; its test will be skipped"; fi; }
 
 demo: $(STAMP)
-	$(PY) -m glide_jax.demo --workdir runs/demo --steps 2000
+	$(PY) -m glide_jax.demo --workdir runs/demo
+
+# every GLIDE network trained on shapes (~1.5 h on 2 CPU cores; resumable), then runs/miniature/report.md
+miniature: $(STAMP)
+	$(PY) -m glide_jax.demo --all --workdir runs/miniature
 
 test: $(STAMP) shellcheck
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs .jax_cache

@@ -1,6 +1,8 @@
 """Evaluation: caption adherence on synthetic shapes, and FID/KID (COCO-style zero-shot protocol).
 
     python -m glide_jax.evaluate adherence --checkpoint runs/demo --n 96 --scales 0,3 --json
+    python -m glide_jax.evaluate adherence --checkpoint runs/miniature/base --n 192 --scales 1,3,10 \
+        --guidance clip --guide runs/miniature/clip --json
     python -m glide_jax.evaluate steps --checkpoint runs/demo --n 96 --scale 3 \
         --settings ddpm:100,ddim:50,dpm++:10,dpm++:15,dpm++:25 --json
     python -m glide_jax.evaluate fid --checkpoint DIR --captions coco_eval_captions.txt \
@@ -11,7 +13,9 @@ Adherence: held-out captions (scenes never seen in training, `synthetic_shapes` 
 split) and single-object captions are sampled with and without classifier-free guidance; a
 pixel-level detector (the data are synthetic, so the truth is known) checks the colours
 (colour adherence: exactly the caption's colours are present) and the full scene (colours,
-shapes and the spatial relation).
+shapes and the spatial relation). `--guidance clip|classifier --guide DIR` scores gradient
+guidance by a noised CLIP or a noisy classifier instead (`--single-fraction 1`: single-object
+captions only, what an 18-object classifier guides).
 
 Steps: the same adherence score for several (sampler, number of steps) settings at one guidance
 scale, with the sampling wall time of each (compilation excluded: every setting is compiled on
@@ -36,8 +40,8 @@ from glide_jax.console import setup_logging
 from glide_jax.data import shapes
 from glide_jax.diffusion import guidance as G
 from glide_jax.diffusion import sampling
-from glide_jax.sample import (SampleError, load_for_sampling, respacing_for, sample_images, schedule_for,
-                              upsample_images)
+from glide_jax.sample import (GUIDANCE, SampleError, guided_images, load_for_sampling, respacing_for, sample_images,
+                              schedule_for, upsample_images)
 
 log = logging.getLogger("glide_jax.evaluate")
 
@@ -67,27 +71,114 @@ def adherence_scores(captions: Sequence[str], images: np.ndarray) -> dict[str, f
     return {"colour": float(np.mean(colour_ok)), "scene": float(np.mean(scene_ok))}
 
 
+def class_of(caption: str) -> int:
+    """The noisy classifier's class of a shapes caption: 3 * colour + shape of its first object
+    (the label `data.pipeline.class_label` trains with)."""
+    spec = shapes.parse_caption(caption)
+    if spec is None:
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    return spec.colors[0] * len(shapes.SHAPES) + spec.shapes[0]
+
+
+def mean_pairwise_distance(groups: np.ndarray) -> float:
+    """Sample diversity: uint8 [K, M, H, W, C] (M samples of each of K captions) -> the mean over
+    captions of the mean RMS pixel distance, in [0, 1] units, over the M(M-1)/2 pairs."""
+    x = np.asarray(groups, np.float64).reshape(groups.shape[0], groups.shape[1], -1) / 255.0
+    sq = np.sum(x * x, axis=-1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * np.einsum("kid,kjd->kij", x, x)
+    rms = np.sqrt(np.clip(d2, 0.0, None) / x.shape[-1])
+    i, j = np.triu_indices(groups.shape[1], k=1)
+    return float(rms[:, i, j].mean())
+
+
+# Gradient-magnitude bin edges (uint8 levels, max over channels of |forward difference|); below 8
+# levels counts as flat, so faint noise on a flat background does not outweigh the edges.
+_GRAD_BINS = (0, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 224, 256)
+
+
+def _gradient_magnitude(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> int32 [N, (H-1)(W-1)]: max over channels and both axes of |forward difference|."""
+    x = np.asarray(images).astype(np.int32)
+    gx = np.abs(np.diff(x, axis=2)).max(-1)[:, :-1, :]
+    gy = np.abs(np.diff(x, axis=1)).max(-1)[:, :, :-1]
+    return np.maximum(gx, gy).reshape(x.shape[0], -1)
+
+
+def edge_sharpness(images: np.ndarray) -> float:
+    """Mean over images of the 99th percentile of the gradient magnitude (8-bit levels per pixel):
+    how steep the steepest edges are (a blurred upscale has lower values than a sharp render)."""
+    return float(np.mean(np.percentile(_gradient_magnitude(images), 99, axis=1)))
+
+
+def pixel_features(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float64 [N, 80] pixel statistics: the square roots of each image's
+    4x4x4 RGB histogram (64 bins: colours and anti-aliasing blends) and of its histogram of
+    gradient magnitudes (16 bins: edge sharpness). Each block has unit norm (square roots of a
+    distribution), so the blocks weigh alike in a kernel."""
+    x = np.asarray(images).astype(np.int32)
+    q = np.minimum(x // 64, 3)
+    colour = q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]
+    colour_hist = np.stack([np.bincount(c.ravel(), minlength=64) for c in colour]).astype(np.float64)
+    g = _gradient_magnitude(x)
+    grad_hist = np.stack([np.histogram(v, bins=_GRAD_BINS)[0] for v in g]).astype(np.float64)
+    return np.concatenate([np.sqrt(colour_hist / colour_hist.sum(1, keepdims=True)),
+                           np.sqrt(grad_hist / grad_hist.sum(1, keepdims=True))], axis=1)
+
+
+def pixel_kid(images: np.ndarray, reference: np.ndarray, subset_size: int = 1000) -> float:
+    """KID (`fid.kid`: unbiased MMD^2, cubic polynomial kernel) between two uint8 image sets of
+    one size on `pixel_features` instead of Inception features: a distance that needs no
+    downloaded network and sees colours and edge sharpness (blur raises it)."""
+    a, b = pixel_features(images), pixel_features(reference)
+    return fid_lib.kid(a, b, subset_size=min(subset_size, len(a), len(b)))
+
+
 def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: str, sampler: str,
-              seed: int = 0, batch: int = 32, grid_path: str | None = None) -> dict:
-    """Samples `n` held-out captions at each guidance scale and scores them."""
-    model, params, tok, cfg = load_for_sampling(checkpoint)
-    captions = heldout_captions(n, seed=seed)
-    results = {"n": n, "respacing": respacing, "sampler": sampler, "scales": {}}
+              seed: int = 0, batch: int = 32, grid_path: str | None = None, guidance: str = "cfg",
+              guide: str | None = None, single_fraction: float = 0.5) -> dict:
+    """Samples `n` held-out captions at each guidance scale and scores them.
+
+    Args:
+      guidance: "cfg" (scale 0 = no guidance), or a guide kind, "clip" / "classifier", with
+        `guide` its checkpoint: the conditional model's DDPM sampling steered by the guide's
+        gradient (`sample.guided_images`; scale 0 = the conditional model alone). The
+        classifier guides towards `class_of(caption)`.
+      single_fraction: the share of single-object captions (1: only those, the captions an
+        18-object classifier can guide).
+    """
+    if guidance != "cfg":
+        if guidance not in GUIDANCE or guidance == "none":
+            raise SampleError(f"unknown guidance {guidance!r}")
+        if not guide:
+            raise SampleError(f"--guidance {guidance} needs --guide DIR (a {guidance} checkpoint)")
+        if sampler != "ddpm":
+            raise SampleError(f"--guidance {guidance} samples with ddpm (GLIDE's guided sampler), not {sampler}")
+    base = model, params, tok, cfg = load_for_sampling(checkpoint)
+    guide_bundle = load_for_sampling(guide) if guidance != "cfg" else None
+    captions = heldout_captions(n, seed=seed, single_fraction=single_fraction)
+    results = {"n": n, "respacing": respacing, "sampler": sampler, "guidance": guidance,
+               "single_fraction": single_fraction, "scales": {}}
     rows = []
     for scale in scales:
         t0 = time.perf_counter()
-        pics = _sample_uint8(model, params, tok, cfg, captions, scale=scale, respacing=respacing,
-                             sampler=sampler, seed=seed, batch=batch)
+        if guide_bundle is None or scale == 0:
+            pics = _sample_uint8(model, params, tok, cfg, captions, scale=scale, respacing=respacing,
+                                 sampler=sampler, seed=seed, batch=batch)
+        else:
+            pics = _guided_uint8(base, guide_bundle, captions, guidance=guidance, scale=scale, respacing=respacing,
+                                 seed=seed, batch=batch)
         scores = adherence_scores(captions, pics)
         single, pair = _split_kinds(captions)
-        scores["colour_single"] = adherence_scores([captions[i] for i in single], pics[single])["colour"]
-        scores["colour_heldout_pairs"] = adherence_scores([captions[i] for i in pair], pics[pair])["colour"]
+        for key, rows_of in (("colour_single", single), ("colour_heldout_pairs", pair)):
+            if rows_of:
+                scores[key] = adherence_scores([captions[i] for i in rows_of], pics[rows_of])["colour"]
         scores["seconds"] = time.perf_counter() - t0
         results["scales"][f"{scale:g}"] = scores
         rows.append(pics[:8])
         log.info("scale %g: %s", scale, scores)
     if grid_path:
-        labels = ["no guidance" if s == 0 else f"CFG {s:g}" for s in scales]
+        name = "CFG" if guidance == "cfg" else guidance
+        labels = ["no guidance" if s == 0 else f"{name} {s:g}" for s in scales]
         grid = images.grid(np.concatenate(rows), captions[:8] * len(scales), cols=8, scale=3, row_labels=labels)
         results["grid"] = str(images.save_png(grid_path, grid))
     return results
@@ -142,6 +233,18 @@ def _sample_uint8(model, params, tok, cfg, captions: Sequence[str], *, scale: fl
                                       guidance_scale=scale, respacing=respacing, sampler=sampler,
                                       seed=seed + i, cfg_interval=cfg_interval))
         for i in range(0, len(captions), batch)])
+
+
+def _guided_uint8(base, guide, captions: Sequence[str], *, guidance: str, scale: float, respacing: str,
+                  seed: int, batch: int) -> np.ndarray:
+    """uint8 samples of `captions` steered by a guide network, `batch` per call (seed + offset)."""
+    out = []
+    for i in range(0, len(captions), batch):
+        part = list(captions[i:i + batch])
+        labels = [class_of(c) for c in part] if guidance == "classifier" else ()
+        out.append(images.to_uint8(guided_images(base, guide, part, guidance=guidance, labels=labels, scale=scale,
+                                                 respacing=respacing, seed=seed + i)))
+    return np.concatenate(out)
 
 
 def _split_kinds(captions: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -223,6 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--sampler", default="ddpm", choices=sampling.SAMPLERS)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--grid", default=None, help="write a PNG of the first 8 captions per scale")
+    a.add_argument("--guidance", default="cfg", choices=[g for g in GUIDANCE if g != "none"],
+                   help="cfg, or gradient guidance by a noised CLIP / noisy classifier given by --guide")
+    a.add_argument("--guide", default=None, metavar="DIR", help="the clip / classifier checkpoint for --guidance")
+    a.add_argument("--single-fraction", type=float, default=0.5,
+                   help="share of single-object captions (1 for --guidance classifier: the 18 objects)")
     a.add_argument("--json", action="store_true")
     st = sub.add_parser("steps", help="adherence and wall time per (sampler, steps) setting")
     st.add_argument("--checkpoint", required=True)
@@ -252,8 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "adherence":
             scales = [float(s) for s in args.scales.split(",")]
+            if not 0.0 <= args.single_fraction <= 1.0:
+                raise ValueError(f"--single-fraction {args.single_fraction}: expected a fraction in [0, 1]")
             out = adherence(args.checkpoint, n=args.n, scales=scales, respacing=respacing_for(args.sampler, args.steps),
-                            sampler=args.sampler, seed=args.seed, grid_path=args.grid)
+                            sampler=args.sampler, seed=args.seed, grid_path=args.grid, guidance=args.guidance,
+                            guide=args.guide, single_fraction=args.single_fraction)
         elif args.command == "steps":
             out = steps_sweep(args.checkpoint, n=args.n, scale=args.scale, settings=parse_settings(args.settings),
                               seed=args.seed, batch=args.batch)

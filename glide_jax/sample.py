@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from glide_jax import checkpoint, experiment, host, images, sharding
+from glide_jax import checkpoint, compile_cache, experiment, host, images, sharding
 from glide_jax.console import setup_logging
 from glide_jax.convert import load_converted
 from glide_jax.diffusion import guidance as G
@@ -333,28 +333,54 @@ def classifier_guided_images(base, classifier, prompts: Sequence[str], labels: S
     return guided_images(base, classifier, prompts, guidance="classifier", labels=labels, **kwargs)
 
 
+def truncate_schedule(sched: schedules.Schedule, start_t: int) -> schedules.Schedule:
+    """The respaced schedule's steps at original timesteps <= start_t: a reverse process that
+    starts there (the tables of the kept steps do not depend on the dropped, noisier ones)."""
+    k = int(np.searchsorted(np.asarray(sched.timestep_map), int(start_t), side="right"))
+    if k < 1:
+        raise SampleError(f"start_t={start_t} is below the schedule's first timestep")
+    return jax.tree.map(lambda a: a[:k], sched)
+
+
 def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: str = "fast27",
-                    temperature: float = 0.997, seed: int = 0, progress: bool = False) -> np.ndarray:
+                    temperature: float = 0.997, seed: int = 0, progress: bool = False,
+                    start_t: int | None = None) -> np.ndarray:
     """GLIDE's upsampling stage: low [n, s, s, 3] in [-1, 1], quantised to 8 bit as the reference
-    does, -> [n, S, S, 3] from the super-resolution model (ancestral, fast27, temperature 0.997)."""
+    does, -> [n, S, S, 3] from the super-resolution model (ancestral, fast27, temperature 0.997).
+
+    start_t: None (GLIDE: the whole reverse process from noise), or an original timestep: the
+    reverse process starts there from q(x_t | x_0 = bilinear upscale of low), SDEdit-style, for
+    an upsampler trained too briefly to have learned the lowest signal-to-noise steps.
+    """
     up_model, up_params, up_tok, up_cfg = up
     if not getattr(up_model.config, "super_res", False):
         raise SampleError(f"{up_cfg.hparams.get('kind')} is not an upsampler checkpoint")
     low_q = images.from_uint8(images.to_uint8(low))
-    return sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
-                         respacing=respacing, sampler="ddpm", seed=seed, temperature=temperature, low_res=low_q,
-                         progress=progress)
+    if start_t is None:
+        return sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
+                             respacing=respacing, sampler="ddpm", seed=seed, temperature=temperature, low_res=low_q,
+                             progress=progress)
+    sched = truncate_schedule(schedule_for(up_cfg.hparams, respacing), start_t)
+    size = up_model.config.image_size
+    a = float(sched.alphas_cumprod[-1])
+    rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
+    init = jax.image.resize(jnp.asarray(low_q), (len(low_q), size, size, 3), method="linear", antialias=False)
+    x_T = np.sqrt(a) * init + np.sqrt(1.0 - a) * temperature * jax.random.normal(noise_rng, init.shape)
+    inputs = dict(text_inputs(up_tok, prompts, up_model.config.text_ctx, cfg=False), low_res=low_q)
+    return np.asarray(generate(up_model, up_params, inputs, sched=sched, sampler="ddpm", rng=rng, x_T=x_T,
+                               progress=progress))
 
 
 def cascade(base, up, prompts: Sequence[str], *, guidance_scale: float = 3.0, base_respacing: str = "100",
             base_sampler: str = "ddpm", up_respacing: str = "fast27", up_temperature: float = 0.997,
-            seed: int = 0, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Base (CFG) -> 8-bit quantised low-res -> upsampler, as GLIDE's notebook. Returns (low, high)."""
+            seed: int = 0, progress: bool = False, up_start_t: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Base (CFG) -> 8-bit quantised low-res -> upsampler, as GLIDE's notebook. Returns (low, high).
+    `up_start_t`: see `upsample_images` (None: GLIDE's)."""
     model, params, tok, cfg = base
     low = sample_images(model, params, tok, prompts, hparams=cfg.hparams, guidance_scale=guidance_scale,
                         respacing=base_respacing, sampler=base_sampler, seed=seed, progress=progress)
     high = upsample_images(up, prompts, low, respacing=up_respacing, temperature=up_temperature, seed=seed + 1,
-                           progress=progress)
+                           progress=progress, start_t=up_start_t)
     return low, high
 
 
@@ -384,6 +410,7 @@ def load_for_sampling(path: str):
                           "checkpoint (config.json + params/)")
     config = ml_collections.ConfigDict(cfg_json)
     config.model.kernels = "auto"  # the kernels of this backend; they never change the parameters
+    compile_cache.enable(cfg_json.get("train", {}).get("compile_cache_dir", ""), path)  # the run's (train.py)
     try:
         experiment.finalize(config)
         manager = checkpoint.make_manager(path, async_save=False)
