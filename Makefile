@@ -25,7 +25,7 @@ shellcheck:
 demo: $(STAMP)
 	$(PY) -m glide_jax.demo --workdir runs/demo
 
-# every GLIDE network trained on shapes (~1.5 h on 2 CPU cores; resumable), then runs/miniature/report.md
+# every GLIDE network trained on shapes, evaluated: runs/miniature/report.md (~1 h on 2 CPU cores, resumable)
 miniature: $(STAMP)
 	$(PY) -m glide_jax.demo --all --workdir runs/miniature
 

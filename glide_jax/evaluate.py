@@ -331,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--guide", default=None, metavar="DIR", help="the clip / classifier checkpoint for --guidance")
     a.add_argument("--single-fraction", type=float, default=0.5,
                    help="share of single-object captions (1 for --guidance classifier: the 18 objects)")
+    a.add_argument("--batch", type=int, default=32, help="captions per sampling call")
     a.add_argument("--json", action="store_true")
     st = sub.add_parser("steps", help="adherence and wall time per (sampler, steps) setting")
     st.add_argument("--checkpoint", required=True)
@@ -363,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 0.0 <= args.single_fraction <= 1.0:
                 raise ValueError(f"--single-fraction {args.single_fraction}: expected a fraction in [0, 1]")
             out = adherence(args.checkpoint, n=args.n, scales=scales, respacing=respacing_for(args.sampler, args.steps),
-                            sampler=args.sampler, seed=args.seed, grid_path=args.grid, guidance=args.guidance,
-                            guide=args.guide, single_fraction=args.single_fraction)
+                            sampler=args.sampler, seed=args.seed, batch=args.batch, grid_path=args.grid,
+                            guidance=args.guidance, guide=args.guide, single_fraction=args.single_fraction)
         elif args.command == "steps":
             out = steps_sweep(args.checkpoint, n=args.n, scale=args.scale, settings=parse_settings(args.settings),
                               seed=args.seed, batch=args.batch)

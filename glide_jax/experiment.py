@@ -269,8 +269,8 @@ def abstract_batch(model: nn.Module, kind: str, batch: int) -> dict[str, jax.Sha
     for name, a in inputs.items():
         if name in ("x", "images"):
             out["image"] = jax.ShapeDtypeStruct(a.shape[:-1] + (3,), jnp.float32)
-        elif name == "lens":
-            out["mask"] = jax.ShapeDtypeStruct(out["tokens"].shape, jnp.bool_)
+        elif name == "lens":  # the CLIP text length: a [B, L] mask in the batch (eval_shape sorts the keys)
+            out["mask"] = jax.ShapeDtypeStruct(inputs["tokens"].shape, jnp.bool_)
         elif name != "t":
             out[name] = a
     if get_kind(kind).labels:

