@@ -37,7 +37,7 @@ import numpy as np
 from glide_jax import fid as fid_lib
 from glide_jax import host, images
 from glide_jax.console import setup_logging
-from glide_jax.data import shapes
+from glide_jax.data import pipeline, shapes
 from glide_jax.diffusion import guidance as G
 from glide_jax.diffusion import sampling
 from glide_jax.sample import (GUIDANCE, SampleError, guided_images, load_for_sampling, respacing_for, sample_images,
@@ -77,7 +77,7 @@ def class_of(caption: str) -> int:
     spec = shapes.parse_caption(caption)
     if spec is None:
         raise ValueError(f"not a shapes caption: {caption!r}")
-    return spec.colors[0] * len(shapes.SHAPES) + spec.shapes[0]
+    return pipeline.class_label({"colors": spec.colors, "shapes": spec.shapes})
 
 
 def mean_pairwise_distance(groups: np.ndarray) -> float:
