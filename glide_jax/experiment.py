@@ -96,6 +96,8 @@ class Kind:
       text: which tokenizer feeds it: "caption" (config.tokenizer: GLIDE BPE or sentencepiece),
         "clip_bpe" (CLIP's BPE, fixed by the model), or "none".
       remat_key: the hparams switch that turns on rematerialisation (None: the kind has none).
+      scan_key: the hparams switch that runs its repeated transformer blocks as one lax.scan
+        (None: the kind has none).
       labels: training batches carry a class `label` [B] int32.
       has_kernels: the network takes `kernels` (the noised CLIP has no backend-specific kernels).
       release_files: the PyTorch files a released checkpoint of the kind comes in (the noised
@@ -111,6 +113,7 @@ class Kind:
     loss: losses.LossFn
     text: str
     remat_key: str | None
+    scan_key: str | None = None
     labels: bool = False
     has_kernels: bool = True
     release_files: tuple[str, ...] = ("model",)
@@ -128,7 +131,7 @@ def _unet(h, dtype):
 
 def _unet_kind(name: str, upsample: bool, inpaint: bool) -> Kind:
     return Kind(name, "generator", _unet_defaults(upsample, inpaint), _unet, losses.diffusion_loss,
-                text="caption", remat_key="remat")
+                text="caption", remat_key="remat", scan_key="scan_layers")
 
 
 KINDS: dict[str, Kind] = {
@@ -139,7 +142,7 @@ KINDS: dict[str, Kind] = {
         _unet_kind("upsample-inpaint", upsample=True, inpaint=True),
         Kind("clip", "guide", lambda: dict(defaults.NOISED_CLIP),
              lambda h, dtype: ClipModel(ClipConfig.from_hparams(h), dtype=dtype), losses.clip_loss,
-             text="clip_bpe", remat_key=None, has_kernels=False,
+             text="clip_bpe", remat_key=None, scan_key="scan_layers", has_kernels=False,
              release_files=("CLIP image encoder", "CLIP text encoder"), guide_score=_clip_score, guide_inputs=_clip_guide_inputs),
         Kind("classifier", "guide", lambda: dict(defaults.ADM_CLASSIFIER),
              lambda h, dtype: EncoderUNet(EncoderUNetConfig.from_hparams(h), dtype=dtype),
@@ -191,12 +194,15 @@ def resolve_kernels(kernels: str, backend: str | None = None) -> str:
 
 
 def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
-          kernels: str = "xla") -> nn.Module:
+          scan_layers: bool = False, kernels: str = "xla") -> nn.Module:
     """`from_hparams` plus the runtime switches of `config.model`, none of which changes the
     parameters.
 
     Args:
       remat: rematerialise blocks in the backward pass (the kind's own switch; CLIP has none).
+      scan_layers: run the identical blocks of the kind's transformers (a UNet's text encoder, the
+        CLIP's two encoders) as one lax.scan each: a smaller program for the compiler (the
+        classifier has none and ignores it).
       kernels: "auto" | one of `layers.KERNELS` ("xla", "cpu", or "winograd": the CPU kernels with
         Winograd forced on every 3x3 convolution it supports, for benchmarks and tests).
     """
@@ -206,13 +212,15 @@ def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
         hparams["kernels"] = resolve_kernels(kernels)
     if remat and kind.remat_key:
         hparams[kind.remat_key] = True
+    if scan_layers and kind.scan_key:
+        hparams[kind.scan_key] = True
     return from_hparams(hparams, dtype)
 
 
 def model_from_config(config, *, kernels: str | None = None) -> nn.Module:
     m = config.model
     return build(m.hparams.to_dict(), jnp.dtype(m.dtype), remat=bool(m.remat),
-                 kernels=kernels or m.kernels)
+                 scan_layers=bool(m.get("scan_layers", False)), kernels=kernels or m.kernels)
 
 
 def tokenizer_for(hparams: Mapping[str, Any], tokenizer_config=None):

@@ -204,3 +204,17 @@ def test_abstract_batch_has_the_fields_each_loss_reads(kind):
     if kind != "classifier":
         assert b["tokens"].shape == b["mask"].shape and b["mask"].dtype == np.bool_
     assert ("label" in b) == experiment.KINDS[kind].labels
+
+
+def test_scan_layers_is_a_runtime_switch():
+    """config.model.scan_layers reaches the modules (on in the released-size configs); it is not a
+    hyper-parameter, so neither the fingerprint nor the parameters depend on it."""
+    from tests.helpers import TINY
+    released = configs_loader.load("glide_filtered_base64", lock=False)
+    assert released.model.scan_layers and experiment.model_from_config(released).config.scan_layers
+    assert "scan_layers" not in experiment.config_fingerprint(released)["hparams"]
+    assert not default_config("base").model.scan_layers
+    assert not experiment.model_from_config(configs_loader.load("test_tiny", lock=False)).config.scan_layers
+    assert experiment.build(TINY["base"], scan_layers=True).config.scan_layers
+    assert experiment.build(TINY["clip"], scan_layers=True).config.scan_layers
+    experiment.build(TINY["classifier"], scan_layers=True)  # no transformer: ignored

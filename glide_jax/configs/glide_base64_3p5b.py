@@ -18,6 +18,7 @@ def get_config():
     h.xf_heads = 32
     c.data.batch_size = 2048
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
     c.model.remat = True
     c.optim.lr = 1e-4
     c.sample.respacing = "100"

@@ -14,6 +14,7 @@ def get_config():
     c = default_config("base")  # the released base hyper-parameters
     c.data.batch_size = 256
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 1000
     c.train.ema_rate = 0.9999

@@ -14,6 +14,7 @@ def get_config():
     c.data.low_res_size = 64
     c.data.batch_size = 64
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
     c.sample.respacing = "fast27"
     c.sample.sampler = "ddpm"
     c.sample.guidance_scale = 0.0

@@ -15,5 +15,6 @@ def get_config():
     c.data.mask = "mixed"
     c.data.batch_size = 256
     c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
     c.optim.lr = 3e-5
     return c

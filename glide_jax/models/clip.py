@@ -45,6 +45,7 @@ class ClipConfig:
     n_head_state_image: int = 64
     n_head_image: int = 12
     n_xf_blocks_image: int = 12
+    scan_layers: bool = False  # runtime, not a GLIDE key: each encoder's blocks as one lax.scan
 
     @classmethod
     def from_hparams(cls, d: Mapping[str, Any]) -> "ClipConfig":
@@ -195,6 +196,17 @@ class TextEmbedding(nn.Module):
         return jnp.take(w_voc, tokens, axis=0) + w_pos[None, : tokens.shape[1]]
 
 
+def _blocks(m: nn.Module, n: int, n_head: int, causal: bool, scan: bool, trace: str, h: jax.Array) -> jax.Array:
+    """`m`'s children block_0 … block_<n-1> (TransformerBlocks) over h [B, T, W] -> [B, T, W]; each
+    block's output is sown as `trace.<trace>.block_<i>` (kept per block only when collected)."""
+    names = [f"block_{i}" for i in range(n)]
+    h, outs = layers.repeated_blocks(m, TransformerBlock, (n_head, 2 * n, causal, m.dtype), names, h, scan=scan,
+                                     keep_outputs=m.is_mutable_collection("intermediates"))
+    for name, out in zip(names, outs):
+        m.sow("intermediates", f"trace.{trace}.{name}", out)
+    return h
+
+
 class _ImageBlocks(nn.Module):
     """GLIDE's `blocks` ModuleDict of the image encoder: input, block_<i>, output."""
 
@@ -206,9 +218,7 @@ class _ImageBlocks(nn.Module):
         c = self.config
         h = ImageEmbedding(c, self.dtype, name="input")(images, t)
         self.sow("intermediates", "trace.image.input", h)
-        for i in range(c.n_xf_blocks_image):
-            h = TransformerBlock(c.n_head_image, 2 * c.n_xf_blocks_image, False, self.dtype, name=f"block_{i}")(h)
-            self.sow("intermediates", f"trace.image.block_{i}", h)
+        h = _blocks(self, c.n_xf_blocks_image, c.n_head_image, False, c.scan_layers, "image", h)
         return FeatureExtractor(c.n_embd, self.dtype, name="output")(h[:, 0]).astype(jnp.float32)
 
 
@@ -223,9 +233,7 @@ class _TextBlocks(nn.Module):
         c = self.config
         h = TextEmbedding(c, name="input")(tokens)
         self.sow("intermediates", "trace.text.input", h)
-        for i in range(c.n_xf_blocks_text):
-            h = TransformerBlock(c.n_head_text, 2 * c.n_xf_blocks_text, True, self.dtype, name=f"block_{i}")(h)
-            self.sow("intermediates", f"trace.text.block_{i}", h)
+        h = _blocks(self, c.n_xf_blocks_text, c.n_head_text, True, c.scan_layers, "text", h)
         last = jnp.take_along_axis(h, (lens.astype(jnp.int32) - 1)[:, None, None], axis=1)[:, 0]
         return FeatureExtractor(c.n_embd, self.dtype, name="output")(last).astype(jnp.float32)
 

@@ -401,6 +401,66 @@ def free_param(
     return module.param(name, _param(init, names), shape, jnp.float32)
 
 
+def repeated_blocks(
+    parent: nn.Module,
+    block: type[nn.Module],
+    args: tuple,
+    names: Sequence[str],
+    x: jax.Array,
+    *,
+    remat: bool = False,
+    scan: bool = False,
+    keep_outputs: bool = False,
+) -> tuple[jax.Array, list[jax.Array]]:
+    """`parent`'s children `names`, all `block(*args)`, applied in order: x -> block_n(...block_1(x)).
+
+    Must be called from inside a compact method of `parent`; the children's parameters sit under
+    `names` either way. x: the carried activation, e.g. [B, L, W]; each block maps it to the same
+    shape and dtype, and reads nothing but its "params" (no rngs, no other collections).
+
+    Args:
+      remat: rematerialise each block in the backward pass (`nn.remat` / `jax.checkpoint`).
+      scan: outside `init`, run the blocks as ONE `jax.lax.scan` over their parameters stacked per
+        leaf ([n, ...]), so the compiler sees a single block body instead of n copies (a smaller
+        program to compile). The stack is a copy of the blocks' parameters made inside the step.
+        `init` always runs them unrolled, which is what creates the per-block names; the
+        parameters, their values and gradients are the same as without `scan`. A single block is
+        never scanned.
+      keep_outputs: also return every block's output (a scan then stacks them, [n, *x.shape]).
+    Returns:
+      (the last block's output, the n blocks' outputs in order if `keep_outputs`, else []).
+    """
+    if not scan or len(names) < 2 or parent.is_initializing():
+        cls = nn.remat(block) if remat else block
+        outs = []
+        for name in names:
+            x = cls(*args, name=name)(x)
+            outs.append(x)
+        return x, outs if keep_outputs else []
+
+    params = nn.meta.unbox(parent.variables.get("params", {}))
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"{parent.name}: no parameters for blocks {missing} (scan needs initialised params)")
+    per_block = [params[n] for n in names]
+    structure = jax.tree.structure(per_block[0])
+    if any(jax.tree.structure(p) != structure for p in per_block[1:]):
+        raise ValueError(f"{parent.name}: blocks {list(names)} do not have identically structured parameters")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)
+    template = block(*args, parent=None)  # unbound: applied functionally, not a child of `parent`
+
+    def body(h, p):
+        h = template.apply({"params": p}, h)
+        return h, (h if keep_outputs else None)
+
+    if remat:
+        # What nn.remat does per block (save nothing, recompute the block in the backward pass);
+        # the scan already keeps XLA from CSE-ing the recomputation away, so no barrier is needed.
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, ys = jax.lax.scan(body, x, stacked)
+    return x, list(ys) if keep_outputs else []
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Multi-head dot-product attention, softmax in float32.
 

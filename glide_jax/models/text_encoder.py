@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from glide_jax.models.layers import Dense, Dtype, Embed, LayerNorm, attention, table_param
+from glide_jax.models.layers import Dense, Dtype, Embed, LayerNorm, attention, repeated_blocks, table_param
 
 
 class MultiheadAttention(nn.Module):
@@ -58,18 +58,23 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """`layers` pre-LN blocks named resblocks_<j>. [B, L, W] -> [B, L, W]."""
+    """`layers` pre-LN blocks named resblocks_<j>. [B, L, W] -> [B, L, W].
+
+    `scan` runs the blocks as one `jax.lax.scan` (see `layers.repeated_blocks`); like `remat`, it
+    leaves the parameters as they are.
+    """
 
     layers: int
     heads: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
-        for j in range(self.layers):
-            x = block(self.heads, self.dtype, name=f"resblocks_{j}")(x)
+        names = [f"resblocks_{j}" for j in range(self.layers)]
+        x, _ = repeated_blocks(self, ResidualAttentionBlock, (self.heads, self.dtype), names, x,
+                               remat=self.remat, scan=self.scan)
         return x
 
 
@@ -91,6 +96,7 @@ class TextEncoder(nn.Module):
     n_vocab: int = 50257
     dtype: Dtype = jnp.float32
     remat: bool = False
+    scan: bool = False  # one lax.scan over the transformer's blocks (Transformer.scan)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None) -> dict[str, jax.Array]:
@@ -105,7 +111,7 @@ class TextEncoder(nn.Module):
                 raise ValueError("xf_padding needs the token mask")
             pad = table_param(self, "padding_embedding", (self.text_ctx, self.width))
             x = jnp.where(mask[..., None], x, pad[None])
-        x = Transformer(self.layers, self.heads, self.dtype, self.remat, name="transformer")(
+        x = Transformer(self.layers, self.heads, self.dtype, self.remat, self.scan, name="transformer")(
             x.astype(self.dtype)
         )
         if self.final_ln:

@@ -112,6 +112,7 @@ class UNetConfig:
     n_vocab: int = 50257
     out_channels: int = 6
     remat: bool = False
+    scan_layers: bool = False  # runtime, not a GLIDE key: the text transformer as one lax.scan
     kernels: str = "xla"  # runtime, not a GLIDE key: layers.KERNELS
 
     def __post_init__(self):
@@ -385,6 +386,7 @@ class Text2ImUNet(nn.Module):
                 n_vocab=c.n_vocab,
                 dtype=self.dtype,
                 remat=c.remat,
+                scan=c.scan_layers,
             )
             nn.share_scope(self, self.text_encoder)
 
