@@ -3,8 +3,10 @@ by path (`configs/X.py`, any file with `get_config()`); every loader finalizes t
 (`glide_jax.experiment.finalize`), so a loaded config is consistent and names its kernels."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -38,3 +40,34 @@ def load(name_or_path: str, *, lock: bool = True) -> ml_collections.ConfigDict:
     if lock:
         config.lock()
     return config
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    """config[a][b][c] = value for field "a.b.c", in place, before `finalize`. A string value for a
+    field that is not a string is read as a Python literal ("True", "3", "(1, 2)").
+
+    Raises:
+      KeyError: no such field; TypeError: the value's type does not fit the field.
+    """
+    *path, leaf = field.split(".")
+    node = config
+    try:
+        for part in path:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(leaf)
+    except (KeyError, AttributeError, TypeError):
+        raise KeyError(f"no such config field {field!r}") from None
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+        value = literal(value)
+    node[leaf] = value
+
+
+def literal(text: str) -> Any:
+    """A command-line value as Python data: true/false, a literal, or else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text

@@ -703,6 +703,16 @@ def format_search(rows: Sequence[Mapping[str, Any]], config_name: str, slc: tpu.
 
 def _load_config(args) -> ml_collections.ConfigDict:
     config = configs_loader.load(args.config, lock=False)
+    for item in args.set:
+        field, eq, value = item.partition("=")
+        if not eq:
+            raise PlanError(f"--set {item!r}: want FIELD=VALUE, e.g. model.scan_layers=false")
+        try:
+            configs_loader.set_field(config, field.strip(), value.strip())
+        except (KeyError, TypeError) as e:
+            raise PlanError(f"--set {item}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if args.set:
+        config = experiment.finalize(config)
     hparams = bench.load_hparams(args.hparams) if args.hparams else None
     return apply_overrides(config, batch=args.batch if args.program == "train" else None,
                            micro_batches=args.micro_batches or None, remat=args.remat, hparams=hparams)
@@ -772,8 +782,7 @@ def _main_cpu(args, argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m glide_jax.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/X.py or a config name")
     parser.add_argument("--tpu", metavar="SLICE", help="compile with libtpu for a Cloud TPU slice (v4-8, "
@@ -786,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "print them ranked")
     parser.add_argument("--max-compiles", type=int, default=12, help="--search: at most this many compiles")
     parser.add_argument("--hparams", help="replace the model's hyper-parameters (GLIDE constructor keys, JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a config field before planning, e.g. model.scan_layers=false (repeatable)")
     parser.add_argument("--devices", type=int, default=0, help="chips the mesh must use (default: its product)")
     parser.add_argument("--hbm-gib", type=float, default=0.0, help="memory per chip (default: --chip's)")
     parser.add_argument("--chip", default=DEFAULT_CHIP, help="v4, v5e, v5p, v6e, a100, h100, h200 (for the HBM)")
@@ -795,7 +806,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--remat", choices=("config", "on", "off"), default="config",
                         help="rematerialise each block in the backward pass (default: the config's model.remat)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (--search: a list)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.batch < 0 or args.micro_batches < 0 or args.max_compiles < 1:
             raise PlanError("--batch and --micro-batches must be >= 0, --max-compiles >= 1")

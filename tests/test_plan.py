@@ -59,6 +59,8 @@ def test_plan_fsdp8(config_file):
     ("data=2,fsdp=2", ["--devices", "8"], "needs 4 devices"),
     ("data=1,pipe=8", [], "not AXIS=SIZE"),
     ("fsdp=3", [], "not divisible"),
+    ("fsdp=8", ["--set", "model.no_such=1"], "no such config field 'model.no_such'"),
+    ("fsdp=8", ["--set", "model.remat"], "want FIELD=VALUE"),
 ])
 def test_bad_mesh_exit_2(config_file, mesh, extra, message):
     p = _plan("--config", config_file, "--mesh", mesh, *extra)
@@ -70,3 +72,10 @@ def test_parse_mesh():
     assert plan.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tensor": 1}
     with pytest.raises(plan.PlanError):
         plan.parse_mesh("fsdp=0")
+
+
+def test_set_overrides_config_fields_before_planning(config_file):
+    args = plan.build_parser().parse_args(["--config", config_file, "--mesh", "fsdp=8", "--set", "model.remat=true",
+                                           "--set", "model.dtype=bfloat16"])
+    config = plan._load_config(args)
+    assert config.model.remat is True and config.model.dtype == "bfloat16" and config.model.kernels == "xla"
