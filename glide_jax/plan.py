@@ -343,6 +343,29 @@ def _shape_bytes(shape: str) -> int:
     return int(total)
 
 
+_TILED_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\](\{[^}]*\})?")
+
+
+def _tiled_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape as their layouts store them: a TPU layout
+    `{minor_to_major:T(8,128)...}` pads the most-minor dimensions to whole tiles (a 32-channel
+    f32 activation takes the space of 128). Layouts without tiles (CPU) are the plain size."""
+    total = 0.0
+    for dtype, dims, layout in _TILED_ARRAY.findall(shape):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        d = [int(x) for x in dims.split(",") if x]
+        order_text, _, tiling = layout[1:-1].partition(":") if layout else ("", "", "")
+        order = [int(x) for x in order_text.split(",") if x.strip().isdigit()]
+        tile = re.match(r"T\(([0-9,]+)\)", tiling)
+        if d and order and tile:
+            sizes = [int(x) for x in tile.group(1).split(",")]
+            for dim, size in zip(order, reversed(sizes)):  # the tile's last size pads the most-minor dim
+                d[dim] = -(-d[dim] // size) * size
+        total += _DTYPE_BYTES[dtype] * math.prod(d)
+    return int(total)
+
+
 def _split_instruction(line: str) -> tuple[str, str] | None:
     """(result shape, opcode) of an HLO instruction line, or None."""
     m = _INSTR.match(line)
@@ -424,6 +447,89 @@ def all_to_all_sources(hlo_text: str, limit: int = 6) -> dict[str, Any]:
     out["by_primitive"] = dict(sorted(prims.items(), key=lambda kv: -kv[1]))
     out["examples"] = [f"{n}x {k}" for k, n in sorted(names.items(), key=lambda kv: -kv[1])[:limit]]
     return out
+
+
+# ops that move no HBM bytes themselves (their bodies, for loops and calls, are counted)
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call", "after-all",
+               "partition-id", "replica-id", "opt-barrier", "add-dependency", "constant"}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+_RESULT_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=")
+
+
+def _operand_names(line: str, op: str) -> list[str]:
+    start = line.index(op + "(") + len(op) + 1
+    depth, end = 1, len(line)
+    for end in range(start, len(line)):
+        depth += {"(": 1, ")": -1}.get(line[end], 0)
+        if depth == 0:
+            break
+    return re.findall(r"%([\w.\-]+)", line[start:end])
+
+
+def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
+    """Where a compiled (per-device) HLO module's memory traffic goes: every instruction that runs
+    (fusions, matmuls, collectives, copies; not the ops inside a fusion, which stay on chip) moves
+    its operands in and its result out, as the compiler's cost analysis counts "bytes accessed"
+    (a loop body once). Grouped two ways: by kind ("fusion:convolution" = a fusion around a
+    convolution, "fusion:reduce" e.g. a norm's statistics, "fusion:elementwise", collectives, ...)
+    and by the jax op that made it (op_name metadata, layer numbers replaced by N). Sizes are as
+    the layouts store the arrays (`_tiled_bytes`: TPU tiles pad narrow minor dimensions);
+    `unpadded_bytes` is the same count at the arrays' logical sizes, so the difference is what
+    padding costs. Our own count, not the compiler's: on TPU the cost analysis' "bytes accessed"
+    lies between the two (its own model of each op); on CPU they agree.
+
+    Returns: {"bytes", "unpadded_bytes", "by_kind": {kind: bytes}, "top": [{"bytes", "count", "op_name"}]}.
+    """
+    comps: dict[str, list[str]] = {}
+    cur: list[str] | None = None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            cur = comps.setdefault(m.group(1), [])
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None and line.strip():
+            cur.append(line)
+    sizes: dict[str, tuple[int, int]] = {}  # result name -> (tiled bytes, plain bytes)
+    inlined: set[str] = set()  # fusion bodies and reducers: their ops do not touch HBM
+    for lines in comps.values():
+        for line in lines:
+            parsed, name = _split_instruction(line), _RESULT_NAME.match(line)
+            if parsed and name:
+                sizes[name.group(1)] = (_tiled_bytes(parsed[0]), _shape_bytes(parsed[0]))
+            if not (parsed and parsed[1] == "call"):
+                inlined.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line))
+    body_kind = {}
+    for name, lines in comps.items():
+        body = "\n".join(lines)
+        body_kind[name] = ("convolution" if " convolution(" in body else "dot" if " dot(" in body
+                           else "reduce" if " reduce(" in body or " reduce-window(" in body else "elementwise")
+    total, plain, kinds, where = 0, 0, {}, {}
+    for name, lines in comps.items():
+        if name in inlined:
+            continue
+        for line in lines:
+            parsed = _split_instruction(line)
+            if parsed is None or parsed[1] in _NO_TRAFFIC:
+                continue
+            shape, op = parsed
+            arrays = ([] if op.endswith("-start") else [(_tiled_bytes(shape), _shape_bytes(shape))]) + (
+                [] if op.endswith("-done") else [sizes.get(o, (0, 0)) for o in _operand_names(line, op)])
+            moved = sum(a for a, _ in arrays)
+            plain += sum(b for _, b in arrays)
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            kind = (f"fusion:{body_kind.get(called.group(1), '?')}" if op == "fusion" and called
+                    else re.sub(r"-(start|done)$", "", op))
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            family = re.sub(r"_\d+\b", "_N", re.sub(r"^jit\([^)]*\)/", "", op_name.group(1))) if op_name else "?"
+            total += moved
+            kinds[kind] = kinds.get(kind, 0) + moved
+            entry = where.setdefault(family, [0, 0])
+            entry[0] += moved
+            entry[1] += 1
+    top = sorted(where.items(), key=lambda kv: -kv[1][0])[:limit]
+    return {"bytes": total, "unpadded_bytes": plain, "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"bytes": b, "count": n, "op_name": k} for k, (b, n) in top]}
 
 
 def tpu_mesh(slc: tpu.Slice, devices: Sequence, sizes: Mapping[str, int]):
@@ -544,7 +650,7 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
         bound="compute" if compute_s >= memory_s else "memory",
         images_per_s_per_chip=images_per_step / roofline_s / slc.chips if roofline_s > 0 else float("nan"),
         compiler_optimal_s=optimal if optimal >= 0 else None,
-        collectives=collectives(hlo), all_to_all=all_to_all_sources(hlo),
+        collectives=collectives(hlo), all_to_all=all_to_all_sources(hlo), hbm_traffic=hbm_traffic(hlo),
     )
     result["note"] = ("compiler estimates for one step, not measurements: HBM from libtpu's buffer assignment; "
                       "FLOPs / bytes from its cost analysis (remat recompute included); roofline_s = max(flops / "
@@ -590,6 +696,13 @@ def format_tpu(r: Mapping[str, Any], config_name: str) -> str:
                  f"accessed -> compute {r['compute_s'] * 1e3:.2f} ms, HBM {r['memory_s'] * 1e3:.2f} ms; roofline "
                  f"{r['roofline_s'] * 1e3:.2f} ms ({r['bound']}-bound, MFU <= {r['roofline_mfu']:.0%}), "
                  f"<= {r['images_per_s_per_chip']:,.1f} images/s/chip")
+    traffic = r.get("hbm_traffic")
+    if traffic and traffic["bytes"]:
+        kinds = ", ".join(f"{k} {v / traffic['bytes']:.0%}" for k, v in list(traffic["by_kind"].items())[:5])
+        lines.append(f"HBM traffic (our count from the HLO, tiled layouts: {traffic['bytes'] / 1e9:,.2f} GB, "
+                     f"{traffic['unpadded_bytes'] / 1e9:,.2f} GB without tile padding) by kind: {kinds}")
+        lines.append("  largest: " + "; ".join(f"{t['op_name']} {t['bytes'] / 1e9:,.2f} GB ({t['count']} ops)"
+                                              for t in traffic["top"][:3]))
     coll = ", ".join(f"{op} {c['count']} ({c['bytes'] / 2**20:,.1f} MiB)" for op, c in r["collectives"].items())
     lines.append(f"collectives: {coll or 'none'}")
     a2a = r["all_to_all"]

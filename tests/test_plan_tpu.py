@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
 
 FIELDS = ("backend", "slice", "chips", "hosts", "mesh", "hbm_bytes_per_chip", "hbm", "hbm_capacity_bytes", "fits",
           "compile_s", "host_peak_rss_bytes", "flops_per_chip", "bytes_accessed_per_chip", "roofline_s",
-          "roofline_mfu", "collectives", "all_to_all")
+          "roofline_mfu", "collectives", "all_to_all", "hbm_traffic")
 # jax primitives whose sharding changes the partitioner implements with all-to-alls in these programs
 # (plan.all_to_all_sources, docs/tpu.md): matmuls with an FSDP-split contracting dimension and the
 # elementwise ops beside them, gradient sums of replicated parameters, CFG's row concatenation.
@@ -82,6 +82,10 @@ def test_test_tiny_on_tpu(plans, slc, program):
     a2a, coll = r["all_to_all"], r["collectives"]
     assert a2a["count"] == coll.get("all-to-all", {}).get("count", 0)
     assert set(a2a["by_primitive"]) <= EXPLAINED_ALL_TO_ALL, a2a
+    # the traffic breakdown brackets the compiler's own bytes-accessed figure: tile padding counted or not
+    traffic = r["hbm_traffic"]
+    assert 0.8 * traffic["unpadded_bytes"] <= r["compiler_bytes_accessed_per_chip"] <= 1.2 * traffic["bytes"], traffic
+    assert sum(traffic["by_kind"].values()) == traffic["bytes"] >= sum(t["bytes"] for t in traffic["top"])
     if program == "train":
         assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
         assert a2a["bytes"] < 0.05 * coll["all-gather"]["bytes"]
@@ -123,6 +127,36 @@ def test_collectives_parser():
                                      "all-to-all": {"count": 1, "bytes": 4 * 128 * 4}}
     a2a = plan.all_to_all_sources(hlo)
     assert (a2a["count"], a2a["backward"], a2a["by_primitive"]) == (1, 1, {"mul": 1})
+
+
+def test_hbm_traffic_adds_up_to_the_compilers_bytes_accessed():
+    import jax
+    import jax.numpy as jnp
+
+    def f(a, b, c):
+        image = jax.lax.conv_general_dilated(a[None, :, :, None], jnp.ones((3, 3, 1, 4)), (1, 1), "SAME",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (jnp.tanh(a @ b) * c).sum(axis=0), image
+
+    x = jnp.ones((256, 256), jnp.float32)
+    compiled = jax.jit(f).lower(x, x, x).compile()
+    r = plan.hbm_traffic(compiled.as_text())
+    assert r["bytes"] == pytest.approx(compiled.cost_analysis()["bytes accessed"], rel=0.02)
+    # the convolution reads a and writes 4 channels of it; the matmul (fused or not) reads a and b
+    kinds = r["by_kind"]
+    assert sum(b for k, b in kinds.items() if "convolution" in k) >= 5 * 256 * 256 * 4, kinds
+    assert sum(b for k, b in kinds.items() if "dot" in k) >= 2 * 256 * 256 * 4, kinds
+    assert {t["op_name"] for t in r["top"]} >= {"conv_general_dilated"}
+    assert r["unpadded_bytes"] == r["bytes"]  # CPU layouts have no tiles
+
+
+def test_tiled_bytes_pad_the_minor_dimensions():
+    assert plan._tiled_bytes("f32[8,32]{1,0:T(8,128)}") == 8 * 128 * 4  # 32 channels stored as 128
+    assert plan._tiled_bytes("bf16[3,5,256]{2,1,0:T(8,128)(2,1)}") == 3 * 8 * 256 * 2
+    # minor-to-major 3,1,2,0: dim 3 (32) pads to 128, dim 1 (16) is already a multiple of 8
+    assert plan._tiled_bytes("f32[16,16,3,32]{3,1,2,0:T(8,128)}") == 16 * 16 * 3 * 128 * 4
+    assert plan._tiled_bytes("f32[10]{0}") == plan._shape_bytes("f32[10]{0}") == 40
+    assert plan._tiled_bytes("(f32[4]{0:T(128)}, s32[])") == 128 * 4 + 4
 
 
 def test_search_meshes():
