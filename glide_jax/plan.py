@@ -49,6 +49,7 @@ import itertools
 import json
 import math
 import os
+import pathlib
 import re
 import resource
 import subprocess
@@ -567,7 +568,7 @@ def _oom_bytes(message: str) -> tuple[int | None, int | None]:
 
 
 def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str, int] | None = None, *,
-             program: str = "train", batch: int | None = None) -> dict[str, Any]:
+             program: str = "train", batch: int | None = None, hlo_path: str | None = None) -> dict[str, Any]:
     """Compiles the train or sample step for `slc` with libtpu and sizes it per chip.
 
     A program that does not fit is an answer, not an error: libtpu refuses to compile it
@@ -579,6 +580,7 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
       devices: `tpu.compile_devices(slc)`.
       mesh_sizes: axis sizes (one may be -1); None = config.mesh (train) or data over all chips (sample).
       batch: prompts per step for program="sample" (default data.batch_size); train uses data.batch_size.
+      hlo_path: also write the compiled per-chip HLO module there (text), to read it yourself.
     """
     if mesh_sizes is None:
         mesh_sizes = ({a: config.mesh[a] for a in AXES} if program == "train"
@@ -626,6 +628,8 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
     hlo = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(hlo)
     parts.update(arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
                  aliased=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes),
                  generated_code=int(mem.generated_code_size_in_bytes))
@@ -859,7 +863,7 @@ def _main_tpu(args) -> int:
         print(json.dumps(rows) if args.json else format_search(rows, args.config, slc, int(config.data.batch_size)))
         return 0
     result = plan_tpu(config, slc, devices, sizes, program=args.program,
-                      batch=args.batch if args.program == "sample" else None)
+                      batch=args.batch if args.program == "sample" else None, hlo_path=args.hlo)
     result.update(config=args.config)
     print(json.dumps(result) if args.json else format_tpu(result, args.config))
     return 0
@@ -918,6 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro-batches", type=int, default=0, help="default: config.train.micro_batches")
     parser.add_argument("--remat", choices=("config", "on", "off"), default="config",
                         help="rematerialise each block in the backward pass (default: the config's model.remat)")
+    parser.add_argument("--hlo", metavar="PATH", help="--tpu: write the compiled per-chip HLO module to PATH")
     parser.add_argument("--json", action="store_true", help="print one JSON object (--search: a list)")
     return parser
 

@@ -23,11 +23,13 @@ SCRIPT = textwrap.dedent("""
     hosts = {name: len({d.process_index for d in tpu.compile_devices(s)})
              for name, s in tpu.SLICES.items()}
     out = {"hosts": hosts, "plans": {}}
-    for slc in sys.argv[1:]:
+    hlo_dir, slices = sys.argv[1], sys.argv[2:]
+    for slc in slices:
         for program in ("train", "sample"):
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
-                rc = plan.main(["--config", "test_tiny", "--tpu", slc, "--program", program, "--json"])
+                rc = plan.main(["--config", "test_tiny", "--tpu", slc, "--program", program, "--json",
+                                "--hlo", f"{hlo_dir}/{slc}-{program}.hlo"])
             out["plans"][f"{slc}/{program}"] = json.loads(buf.getvalue()) if rc == 0 else rc
     print(json.dumps(out))
 """)
@@ -43,10 +45,12 @@ EXPLAINED_ALL_TO_ALL = {"dot_general", "mul", "add_any", "select_n", "concatenat
 
 
 @pytest.fixture(scope="module")
-def plans():
-    p = subprocess.run([sys.executable, "-c", SCRIPT, *SLICES], capture_output=True, text=True, timeout=600)
+def plans(tmp_path_factory):
+    hlo_dir = tmp_path_factory.mktemp("hlo")
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(hlo_dir), *SLICES], capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return dict(json.loads(p.stdout.strip().splitlines()[-1]), hlo_dir=hlo_dir)
 
 
 @needs_libtpu
@@ -86,6 +90,9 @@ def test_test_tiny_on_tpu(plans, slc, program):
     traffic = r["hbm_traffic"]
     assert 0.8 * traffic["unpadded_bytes"] <= r["compiler_bytes_accessed_per_chip"] <= 1.2 * traffic["bytes"], traffic
     assert sum(traffic["by_kind"].values()) == traffic["bytes"] >= sum(t["bytes"] for t in traffic["top"])
+    # --hlo wrote the compiled module the figures come from: its collectives are the ones counted
+    hlo = (plans["hlo_dir"] / f"{slc}-{program}.hlo").read_text()
+    assert hlo.startswith("HloModule") and plan.collectives(hlo) == coll
     if program == "train":
         assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
         assert a2a["bytes"] < 0.05 * coll["all-gather"]["bytes"]
