@@ -5,6 +5,8 @@
         --guidance clip --guide runs/miniature/clip --json
     python -m glide_jax.evaluate steps --checkpoint runs/demo --n 96 --scale 3 \
         --settings ddpm:100,ddim:50,dpm++:10,dpm++:15,dpm++:25 --json
+    python -m glide_jax.evaluate steps --checkpoint runs/miniature/base --upsample runs/miniature/upsample \
+        --n 192 --scale 5 --settings ddpm:fast27,ddpm:25,sde-dpm++:20,unipc:25 --json
     python -m glide_jax.evaluate fid --checkpoint DIR --captions coco_eval_captions.txt \
         --reference REF_DIR_OR_STATS.npz --inception pt_inception-2015-12-05-6726825d.pth \
         --n 30000 --scale 1.5 [--upsample UP_DIR] --json
@@ -20,6 +22,8 @@ captions only, what an 18-object classifier guides).
 Steps: the same adherence score for several (sampler, number of steps) settings at one guidance
 scale, with the sampling wall time of each (compilation excluded: every setting is compiled on
 a first batch before the timed run), as a markdown table: fewer steps for the same quality.
+With `--upsample UP_DIR` the settings are the upsampler stage's, on one fixed set of base
+samples, scored at the upsampler's size (adherence, pixel KID against real renders, sharpness).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import logging
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -40,7 +44,8 @@ from glide_jax.console import setup_logging
 from glide_jax.data import pipeline, shapes
 from glide_jax.diffusion import guidance as G
 from glide_jax.diffusion import sampling
-from glide_jax.sample import (GUIDANCE, SampleError, guided_images, load_for_sampling, respacing_for, sample_images,
+from glide_jax.models.unet import upsample_bilinear
+from glide_jax.sample import (FAST, GUIDANCE, SampleError, guided_images, load_for_sampling, respacing_for, sample_images,
                               schedule_for, upsample_images)
 
 log = logging.getLogger("glide_jax.evaluate")
@@ -131,6 +136,23 @@ def pixel_kid(images: np.ndarray, reference: np.ndarray, subset_size: int = 1000
     downloaded network and sees colours and edge sharpness (blur raises it)."""
     a, b = pixel_features(images), pixel_features(reference)
     return fid_lib.kid(a, b, subset_size=min(subset_size, len(a), len(b)))
+
+
+def reference_renders(captions: Sequence[str], size: int, seed: int) -> np.ndarray:
+    """Real renders of the captions' scenes at `size`, uint8 [n, size, size, 3]: held-out pairs as
+    the validation split draws them (`heldout_captions`' own scenes), single objects at a random
+    layout."""
+    rng = np.random.default_rng([seed, 11])
+    out, pair = [], 0
+    for text in captions:
+        spec = shapes.parse_caption(text)
+        if spec.relation == shapes.NONE:
+            spec = shapes.layout(spec.colors, spec.shapes, shapes.NONE, rng)
+        else:
+            spec = shapes.sample_spec("validation", pair)
+            pair += 1
+        out.append(shapes.render(spec, size))
+    return np.stack(out)
 
 
 def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: str, sampler: str,
@@ -253,19 +275,25 @@ def _split_kinds(captions: Sequence[str]) -> tuple[list[int], list[int]]:
     return single, [i for i in range(len(captions)) if i not in set(single)]
 
 
-def parse_settings(text: str) -> list[tuple[str, int, tuple[int, int] | None]]:
-    """"ddpm:100,unipc:15@200-800" -> [("ddpm", 100, None), ("unipc", 15, (200, 800))]: sampler,
-    model evaluations, and the optional CFG interval in original timesteps; ValueError on a bad item."""
+NAMED_RESPACINGS = ("fast27",)  # respacing strings a --settings item may give instead of a step count
+
+
+def parse_settings(text: str) -> list[tuple[str, int | str, tuple[int, int] | None]]:
+    """"ddpm:100,unipc:15@200-800,ddpm:fast27" -> [("ddpm", 100, None), ("unipc", 15, (200, 800)),
+    ("ddpm", "fast27", None)]: sampler, model evaluations (or a named respacing: GLIDE's
+    upsampler list), and the optional CFG interval in original timesteps; ValueError on a bad item."""
     out = []
     for item in filter(None, (t.strip() for t in text.split(","))):
         sampler, _, rest = item.partition(":")
         steps, _, interval = rest.partition("@")
         lo, _, hi = interval.partition("-")
-        if (sampler not in sampling.SAMPLERS or not steps.isdigit() or int(steps) < 1
+        named = steps in NAMED_RESPACINGS
+        if (sampler not in sampling.SAMPLERS or not (named or steps.isdigit()) or (not named and int(steps) < 1)
                 or (interval and not (lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)))):
             raise ValueError(f"--settings item {item!r}: want SAMPLER:STEPS[@LO-HI] with SAMPLER one of "
-                             f"{', '.join(sampling.SAMPLERS)}, STEPS a positive integer and LO <= HI timesteps")
-        out.append((sampler, int(steps), (int(lo), int(hi)) if interval else None))
+                             f"{', '.join(sampling.SAMPLERS)}, STEPS a positive integer (or "
+                             f"{', '.join(NAMED_RESPACINGS)}) and LO <= HI timesteps")
+        out.append((sampler, steps if named else int(steps), (int(lo), int(hi)) if interval else None))
     if not out:
         raise ValueError("--settings is empty")
     return out
@@ -298,6 +326,72 @@ def steps_sweep(checkpoint: str, *, n: int, scale: float, settings: Sequence[tup
         log.info("%s-%d%s: %s", sampler, steps, f"@{interval}" if interval else "", rows[-1])
     return {"n": n, "scale": scale, "batch": batch, "backend": jax.default_backend(), "rows": rows,
             "table": steps_table(rows, n=n, scale=scale)}
+
+
+def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, settings: Sequence[tuple],
+                   seed: int = 0, batch: int = 32, base_setting: tuple[str, int] = FAST) -> dict:
+    """The upsampling stage's (sampler, steps) settings on one fixed set of base samples.
+
+    The base model samples the held-out captions once (`base_setting`, CFG `scale`); each setting
+    then upsamples them (`sample.upsample_images` from noise, GLIDE's temperature 0.997). Scores
+    at the upsampler's size: colour adherence, pixel KID against real renders of the same captions
+    (`pixel_kid`, lower is closer), edge sharpness, and the upsampling wall time (compiled on a
+    first batch outside the timing). Rows for the bilinear upscale of the base samples and for a
+    second real set (the distance floor) frame them.
+    """
+    for _, _, interval in settings:
+        if interval:
+            raise ValueError("the upsampler has no classifier-free guidance: drop @LO-HI from --settings")
+    base = model, params, tok, cfg = load_for_sampling(checkpoint)
+    up = load_for_sampling(upsampler)
+    if not up[3].hparams.get("super_res"):
+        raise SampleError(f"--upsample {upsampler}: not an upsampler checkpoint (kind {up[3].hparams.get('kind')})")
+    size = int(up[3].hparams["image_size"])
+    captions = heldout_captions(n, seed=seed)
+    base_sampler, base_steps = base_setting
+    low = _sample_uint8(model, params, tok, cfg, captions, scale=scale, sampler=base_sampler, seed=seed, batch=batch,
+                        respacing=respacing_for(base_sampler, base_steps, cfg.hparams))
+    real = reference_renders(captions, size, seed)
+
+    def row(name, pics, seconds=None, compare=None, **extra):
+        return dict(name=name, **extra, seconds=seconds, **adherence_scores(captions, pics),
+                    pixel_kid=pixel_kid(pics if compare is None else compare, real), sharpness=edge_sharpness(pics))
+
+    bilinear = images.to_uint8(np.asarray(upsample_bilinear(images.from_uint8(low), size)))
+    rows = [row("bilinear", bilinear),
+            row("real", real, compare=reference_renders(captions[::-1], size, seed + 1))]
+    for sampler, steps, _ in settings:
+        respacing = respacing_for(sampler, steps if isinstance(steps, str) else str(steps), up[3].hparams)
+        sched = schedule_for(up[3].hparams, respacing)
+
+        def run(part):
+            return np.concatenate([
+                images.to_uint8(upsample_images(up, captions[i:i + batch], images.from_uint8(low[i:i + batch]),
+                                                respacing=respacing, sampler=sampler, seed=seed + i + 1))
+                for i in range(0, part, batch)])
+
+        run(min(batch, n))  # compile outside the timing
+        t0 = time.perf_counter()
+        pics = run(n)
+        rows.append(row(f"{sampler}:{steps}", pics, time.perf_counter() - t0, sampler=sampler, steps=steps,
+                        evaluations=sampling.evaluations(sampler, sched)))
+        log.info("%s", rows[-1])
+    out = {"n": n, "scale": scale, "batch": batch, "size": size, "base_size": int(low.shape[1]),
+           "base": f"{base_sampler}:{base_steps}", "backend": jax.default_backend(), "rows": rows}
+    out["table"] = upsample_table(out)
+    return out
+
+
+def upsample_table(result: Mapping[str, Any]) -> str:
+    """Markdown table of an upsampler sweep."""
+    lines = [f"| upsampler setting | model evaluations | wall time for {result['n']} images (s) | colour adherence "
+             f"at {result['size']} px | full scene | pixel KID vs real (lower = closer) | edge sharpness |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        seconds = "" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['name']} | {r.get('evaluations', '')} | {seconds} | {r['colour']:.0%} | {r['scene']:.0%} "
+                     f"| {r['pixel_kid']:.4f} | {r['sharpness']:.3f} |")
+    return "\n".join(lines)
 
 
 def steps_table(rows: Sequence[dict], *, n: int, scale: float) -> str:
@@ -342,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "those original timesteps)")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--batch", type=int, default=32)
+    st.add_argument("--upsample", default=None, metavar="UP_DIR",
+                    help="sweep the upsampler stage instead: --settings apply to UP_DIR, on base samples drawn "
+                         f"once with {FAST[0]}-{FAST[1]} at --scale (e.g. --settings ddpm:fast27,sde-dpm++:20)")
     st.add_argument("--json", action="store_true")
     f = sub.add_parser("fid", help="zero-shot FID/KID against reference images or stats")
     f.add_argument("--checkpoint", required=True)
@@ -366,6 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = adherence(args.checkpoint, n=args.n, scales=scales, respacing=respacing_for(args.sampler, args.steps),
                             sampler=args.sampler, seed=args.seed, batch=args.batch, grid_path=args.grid,
                             guidance=args.guidance, guide=args.guide, single_fraction=args.single_fraction)
+        elif args.command == "steps" and args.upsample:
+            out = upsample_sweep(args.checkpoint, args.upsample, n=args.n, scale=args.scale,
+                                 settings=parse_settings(args.settings), seed=args.seed, batch=args.batch)
+            if not args.json:
+                print(out["table"])
+                return 0
         elif args.command == "steps":
             out = steps_sweep(args.checkpoint, n=args.n, scale=args.scale, settings=parse_settings(args.settings),
                               seed=args.seed, batch=args.batch)

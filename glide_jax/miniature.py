@@ -43,7 +43,6 @@ else on the cores; ~1.5x that beside another job.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import datetime
 import json
@@ -61,7 +60,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from glide_jax import evaluate, experiment, host, images
+from glide_jax import configs_loader, evaluate, experiment, host, images
 from glide_jax.configs import shapes_classifier, shapes_clip, shapes_inpaint, shapes_tiny, shapes_upsample
 from glide_jax.console import setup_logging
 from glide_jax.convert import save_converted
@@ -149,28 +148,12 @@ class Options:
 
 
 def _set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> None:
-    *path, leaf = field.split(".")
-    node = config
     try:
-        for part in path:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(leaf)
-        if isinstance(value, str) and not isinstance(node[leaf], str):
-            value = _literal(value)
-        node[leaf] = value
-    except (KeyError, AttributeError, TypeError) as e:
-        kind = "no such config field" if not isinstance(e, TypeError) else f"wrong type ({e})"
-        raise MiniatureError(f"{where}: {kind}") from None
-
-
-def _literal(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+        configs_loader.set_field(config, field, value)
+    except KeyError:
+        raise MiniatureError(f"{where}: no such config field") from None
+    except TypeError as e:
+        raise MiniatureError(f"{where}: wrong type ({e})") from None
 
 
 def stage_config(stage: Stage, root: pathlib.Path, opts: Options) -> ml_collections.ConfigDict:
@@ -499,22 +482,6 @@ def eval_inpaint(ev: Eval) -> dict:
     )
 
 
-def reference_renders(captions: Sequence[str], size: int, seed: int) -> np.ndarray:
-    """Real renders of the captions' scenes at `size`: held-out pairs as the validation split
-    draws them (`heldout_captions`' own scenes), single objects at a random layout."""
-    rng = np.random.default_rng([seed, 11])
-    out, pair = [], 0
-    for text in captions:
-        spec = shapes.parse_caption(text)
-        if spec.relation == shapes.NONE:
-            spec = shapes.layout(spec.colors, spec.shapes, shapes.NONE, rng)
-        else:
-            spec = shapes.sample_spec("validation", pair)
-            pair += 1
-        out.append(shapes.render(spec, size))
-    return np.stack(out)
-
-
 def eval_cascade(ev: Eval) -> dict:
     """Base (CFG) -> upsampler (GLIDE's sampler from noise, and from `opts.upsample_start`) vs a
     bilinear upscale of the same base samples, at the upsampler's size."""
@@ -530,10 +497,10 @@ def eval_cascade(ev: Eval) -> dict:
                                             respacing=ev.up_respacing, seed=ev.opts.seed + i + 1, start_t=start))
             for i in range(0, len(captions), b)])
     bilinear = images.to_uint8(np.asarray(upsample_bilinear(images.from_uint8(low), size)))
-    real = reference_renders(captions, size, ev.opts.seed)
-    real_low = reference_renders(captions, low.shape[1], ev.opts.seed)
+    real = evaluate.reference_renders(captions, size, ev.opts.seed)
+    real_low = evaluate.reference_renders(captions, low.shape[1], ev.opts.seed)
     # a second real set: the floor of the distance (two samples of the same distribution)
-    real_2 = reference_renders(captions[::-1], size, ev.opts.seed + 1)
+    real_2 = evaluate.reference_renders(captions[::-1], size, ev.opts.seed + 1)
 
     def row(pics, reference, compare=None):
         return dict(size=int(pics.shape[1]), **evaluate.adherence_scores(captions, pics),

@@ -344,9 +344,12 @@ def truncate_schedule(sched: schedules.Schedule, start_t: int) -> schedules.Sche
 
 def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: str = "fast27",
                     temperature: float = 0.997, seed: int = 0, progress: bool = False,
-                    start_t: int | None = None) -> np.ndarray:
+                    start_t: int | None = None, sampler: str = "ddpm") -> np.ndarray:
     """GLIDE's upsampling stage: low [n, s, s, 3] in [-1, 1], quantised to 8 bit as the reference
     does, -> [n, S, S, 3] from the super-resolution model (ancestral, fast27, temperature 0.997).
+
+    sampler / respacing: GLIDE's is ddpm on fast27; any `sampling.SAMPLERS` entry with the
+    respacing `respacing_for(sampler, steps, hparams)` gives it.
 
     start_t: None (GLIDE: the whole reverse process from noise), or an original timestep: the
     reverse process starts there from q(x_t | x_0 = bilinear upscale of low), SDEdit-style, for
@@ -358,7 +361,7 @@ def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: s
     low_q = images.from_uint8(images.to_uint8(low))
     if start_t is None:
         return sample_images(up_model, up_params, up_tok, prompts, hparams=up_cfg.hparams, guidance_scale=0.0,
-                             respacing=respacing, sampler="ddpm", seed=seed, temperature=temperature, low_res=low_q,
+                             respacing=respacing, sampler=sampler, seed=seed, temperature=temperature, low_res=low_q,
                              progress=progress)
     sched = truncate_schedule(schedule_for(up_cfg.hparams, respacing), start_t)
     size = up_model.config.image_size
@@ -367,7 +370,7 @@ def upsample_images(up, prompts: Sequence[str], low: np.ndarray, *, respacing: s
     init = jax.image.resize(jnp.asarray(low_q), (len(low_q), size, size, 3), method="linear", antialias=False)
     x_T = np.sqrt(a) * init + np.sqrt(1.0 - a) * temperature * jax.random.normal(noise_rng, init.shape)
     inputs = dict(text_inputs(up_tok, prompts, up_model.config.text_ctx, cfg=False), low_res=low_q)
-    return np.asarray(generate(up_model, up_params, inputs, sched=sched, sampler="ddpm", rng=rng, x_T=x_T,
+    return np.asarray(generate(up_model, up_params, inputs, sched=sched, sampler=sampler, rng=rng, x_T=x_T,
                                progress=progress))
 
 

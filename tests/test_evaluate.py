@@ -30,7 +30,8 @@ def test_parse_settings():
     assert evaluate.parse_settings("ddpm:100, dpm++:10,ddim:50") == [("ddpm", 100, None), ("dpm++", 10, None),
                                                                       ("ddim", 50, None)]
     assert evaluate.parse_settings("unipc:15@200-800") == [("unipc", 15, (200, 800))]
-    for bad in ("", "euler:10", "ddpm", "ddpm:0", "ddpm:x", "unipc:10@800-200", "unipc:10@a-b"):
+    assert evaluate.parse_settings("ddpm:fast27") == [("ddpm", "fast27", None)]
+    for bad in ("", "euler:10", "ddpm", "ddpm:0", "ddpm:x", "ddpm:fast28", "unipc:10@800-200", "unipc:10@a-b"):
         with pytest.raises(ValueError):
             evaluate.parse_settings(bad)
 

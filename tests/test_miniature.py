@@ -187,6 +187,27 @@ def test_section_recomputes_and_prints_json(run):
     assert [p["method"] for p in json.loads(out[out.index("{"):])["tradeoff"]["points"]] == ["cfg", "cfg", "clip", "clip"]
 
 
+def test_upsampler_sweep_scores_each_setting_on_the_same_base_samples(run):
+    root, _ = run
+    argv = ["steps", "--checkpoint", str(root / "base"), "--upsample", str(root / "upsample"), "--n", "4",
+            "--batch", "4", "--scale", "3", "--settings", "ddpm:fast27,sde-dpm++:3", "--json"]
+    code, out, err = _main(argv, entry=evaluate.main)
+    assert code == 0, err[-2000:]
+    res = json.loads(out[out.index("{"):])
+    assert res["size"] == 4 * res["base_size"] and res["base"] == "ddpm:25"
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["bilinear", "real", "ddpm:fast27", "sde-dpm++:3"]
+    assert rows["ddpm:fast27"]["evaluations"] == 27 and rows["sde-dpm++:3"]["evaluations"] == 3
+    assert rows["real"]["colour"] == 1.0 and rows["real"]["pixel_kid"] < rows["bilinear"]["pixel_kid"]
+    assert all(r["seconds"] > 0 for r in res["rows"][2:]) and len(res["table"].splitlines()) == 6
+
+    code, _, err = _main([*argv[:-3], "--settings", "ddpm:27@0-500"], entry=evaluate.main)
+    assert code == 2 and err.startswith("error: ") and "no classifier-free guidance" in err
+    code, _, err = _main(["steps", "--checkpoint", str(root / "base"), "--upsample", str(root / "base"),
+                          "--settings", "ddpm:2"], entry=evaluate.main)
+    assert code == 2 and "not an upsampler checkpoint" in err
+
+
 def test_export_refuses_a_different_network(run):
     root, _ = run
     config = configs_loader.load("shapes_inpaint")  # the full-size network, not the run's shrunk one
