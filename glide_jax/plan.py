@@ -453,6 +453,7 @@ def all_to_all_sources(hlo_text: str, limit: int = 6) -> dict[str, Any]:
 # ops that move no HBM bytes themselves (their bodies, for loops and calls, are counted)
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call", "after-all",
                "partition-id", "replica-id", "opt-barrier", "add-dependency", "constant"}
+_READS_ITS_RESULT = {"slice", "dynamic-slice"}
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
 _RESULT_NAME = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=")
 
@@ -467,6 +468,31 @@ def _operand_names(line: str, op: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", line[start:end])
 
 
+def _sliced_parameters(lines: Sequence[str], sizes: Mapping[str, tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """Parameters of a computation that are only read through (dynamic-)slices: index -> the bytes
+    of those slices (tiled, plain), what a fusion reads of that operand."""
+    params, users = {}, {}
+    for line in lines:
+        parsed, name = _split_instruction(line), _RESULT_NAME.match(line)
+        if not (parsed and name):
+            continue
+        if parsed[1] == "parameter":
+            index = re.search(r"parameter\((\d+)\)", line)
+            if index:
+                params[name.group(1)] = int(index.group(1))
+            continue
+        for o in set(_operand_names(line, parsed[1])):
+            if o in params:
+                users.setdefault(o, []).append((parsed[1], name.group(1)))
+    out = {}
+    for pname, index in params.items():
+        use = users.get(pname, [])
+        if use and all(op in _READS_ITS_RESULT or op == "slice" for op, _ in use):
+            parts = [sizes.get(u, (0, 0)) for _, u in use]
+            out[index] = (sum(a for a, _ in parts), sum(b for _, b in parts))
+    return out
+
+
 def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
     """Where a compiled (per-device) HLO module's memory traffic goes: every instruction that runs
     (fusions, matmuls, collectives, copies; not the ops inside a fusion, which stay on chip) moves
@@ -476,8 +502,11 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
     and by the jax op that made it (op_name metadata, layer numbers replaced by N). Sizes are as
     the layouts store the arrays (`_tiled_bytes`: TPU tiles pad narrow minor dimensions);
     `unpadded_bytes` is the same count at the arrays' logical sizes, so the difference is what
-    padding costs. Our own count, not the compiler's: on TPU the cost analysis' "bytes accessed"
-    lies between the two (its own model of each op); on CPU they agree.
+    padding costs. Slices (also the asynchronous slice-start TPU programs use to stage an array's
+    parts) read only what they return; a dynamic-update-slice at top level updates its buffer in
+    place (the update read and written), and so does a fusion that ends in one; a fusion reads only
+    the slices it takes of an operand. Our own count, not the compiler's: on TPU the cost
+    analysis' "bytes accessed" lies between the two (its own model of each op); on CPU they agree.
 
     Returns: {"bytes", "unpadded_bytes", "by_kind": {kind: bytes}, "top": [{"bytes", "count", "op_name"}]}.
     """
@@ -500,8 +529,15 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
                 sizes[name.group(1)] = (_tiled_bytes(parsed[0]), _shape_bytes(parsed[0]))
             if not (parsed and parsed[1] == "call"):
                 inlined.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line))
-    body_kind = {}
+    sliced: dict[str, dict[int, tuple[int, int]]] = {}  # fusion body -> parameters only sliced: bytes read
+    body_kind, in_place = {}, {}  # in_place: fusion body -> the update its root dynamic-update-slice writes
     for name, lines in comps.items():
+        root = next((ln for ln in lines if ln.lstrip().startswith("ROOT ")), "")
+        parsed = _split_instruction(root)
+        if parsed and parsed[1] == "dynamic-update-slice":
+            update = _operand_names(root, parsed[1])[1:2]
+            in_place[name] = sizes.get(update[0], (0, 0)) if update else (0, 0)
+        sliced[name] = _sliced_parameters(lines, sizes)
         body = "\n".join(lines)
         body_kind[name] = ("convolution" if " convolution(" in body else "dot" if " dot(" in body
                            else "reduce" if " reduce(" in body or " reduce-window(" in body else "elementwise")
@@ -514,11 +550,31 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
             if parsed is None or parsed[1] in _NO_TRAFFIC:
                 continue
             shape, op = parsed
-            arrays = ([] if op.endswith("-start") else [(_tiled_bytes(shape), _shape_bytes(shape))]) + (
-                [] if op.endswith("-done") else [sizes.get(o, (0, 0)) for o in _operand_names(line, op)])
+            operands = [sizes.get(o, (0, 0)) for o in _operand_names(line, op)]
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            if op == "fusion" and called:  # a fused slice reads only its part of the operand
+                for i, part in sliced.get(called.group(1), {}).items():
+                    if i < len(operands):  # overlapping or padded slices: never more than the whole
+                        operands[i] = (min(part[0], operands[i][0]), min(part[1], operands[i][1]))
+            if op in _READS_ITS_RESULT:  # a slice reads only the part it returns, then writes it
+                arrays = [(_tiled_bytes(shape), _shape_bytes(shape))] * 2
+            elif op == "slice-start":  # result ((operand), slice, s32[]): the slice is read
+                tiled, plain_b = _tiled_bytes(shape), _shape_bytes(shape)
+                arrays = [(tiled - sum(a for a, _ in operands), plain_b - sum(b for _, b in operands))]
+            elif op == "dynamic-update-slice":  # in place: the update is read and written, the rest stays
+                arrays = [operands[1]] * 2 if len(operands) > 1 else []
+            elif op == "fusion" and called and called.group(1) in in_place:
+                # a fusion ending in an in-place update: its inputs but the buffer, and the update written
+                buffer = (_tiled_bytes(shape), _shape_bytes(shape))
+                rest = list(operands)
+                if buffer in rest:
+                    rest.remove(buffer)
+                arrays = rest + [in_place[called.group(1)]]
+            else:
+                arrays = ([] if op.endswith("-start") else [(_tiled_bytes(shape), _shape_bytes(shape))]) + (
+                    [] if op.endswith("-done") else operands)
             moved = sum(a for a, _ in arrays)
             plain += sum(b for _, b in arrays)
-            called = re.search(r"calls=%([\w.\-]+)", line)
             kind = (f"fusion:{body_kind.get(called.group(1), '?')}" if op == "fusion" and called
                     else re.sub(r"-(start|done)$", "", op))
             op_name = re.search(r'op_name="([^"]*)"', line)
