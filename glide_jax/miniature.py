@@ -571,24 +571,30 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: pathlib.Path, width
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     left, right, top, bottom = 70, 20, 52, 60
-    xs = [p["diversity"] for p in points]
-    x_step = _nice_step(max(max(xs), 1e-3))
-    x_max = x_step * math.ceil(max(xs) * 1.08 / x_step)
+    # axes span the data (with a margin) so that nearby scales stay apart
+    xs, ys = [p["diversity"] for p in points], [p["colour"] for p in points]
+    x_step = _nice_step(max(max(xs) - min(xs), 1e-3))
+    x_min = x_step * math.floor(min(xs) / x_step - 0.5)
+    x_max = x_step * math.ceil(max(xs) / x_step + 0.5)
+    y_step = _nice_step(max(max(ys) - min(ys), 0.05))
+    y_min = max(0.0, y_step * math.floor(min(ys) / y_step - 0.5))
+    y_max = min(1.0, y_step * math.ceil(max(ys) / y_step + 0.5))
 
     def px(x, y):
-        return (left + x / x_max * (width - left - right), height - bottom - y * (height - top - bottom))
+        return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
+                height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
 
-    for i in range(6):  # y: 0 .. 1 by 0.2
-        y = i / 5
-        a, b = px(0, y), px(x_max, y)
+    for i in range(int(round((y_max - y_min) / y_step)) + 1):
+        y = y_min + i * y_step
+        a, b = px(x_min, y), px(x_max, y)
         draw.line([a, b], fill=(225, 225, 225))
-        draw.text((left - 34, a[1] - 6), f"{y:.0%}", fill="black", font=font)
-    for i in range(int(round(x_max / x_step)) + 1):
-        x = i * x_step
-        a, b = px(x, 0), px(x, 1)
+        draw.text((left - 40, a[1] - 6), f"{y * 100:.3g}%", fill="black", font=font)
+    for i in range(int(round((x_max - x_min) / x_step)) + 1):
+        x = x_min + i * x_step
+        a, b = px(x, y_min), px(x, y_max)
         draw.line([a, b], fill=(225, 225, 225))
         draw.text((a[0] - 12, height - bottom + 6), f"{x:.3g}", fill="black", font=font)
-    draw.rectangle([px(0, 1), px(x_max, 0)], outline="black")
+    draw.rectangle([px(x_min, y_max), px(x_max, y_min)], outline="black")
     draw.text((left, 8), "Colour adherence vs sample diversity over guidance scales (held-out captions)",
               fill="black", font=font)
     draw.text((left + 60, height - 24), "diversity: mean RMS pixel distance between samples of one caption "
@@ -602,7 +608,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: pathlib.Path, width
         for p, (x, y) in zip(pts, xy):
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=COLOURS[method])
             draw.text((x + 6, y - 14 if method == "cfg" else y + 2), f"{p['scale']:g}", fill=COLOURS[method], font=font)
-        lx, ly = width - right - 190, top + 10 + 16 * k  # top right: high adherence and diversity stays empty
+        lx, ly = left + 10, height - bottom - 40 + 16 * k  # bottom left: low adherence and diversity stays empty
         draw.line([(lx, ly + 6), (lx + 20, ly + 6)], fill=COLOURS[method], width=2)
         draw.text((lx + 26, ly), LABELS[method], fill="black", font=font)
     images.save_png(path, np.asarray(img))
