@@ -175,7 +175,7 @@ def adherence(checkpoint: str, *, n: int, scales: Sequence[float], respacing: st
             raise SampleError(f"--guidance {guidance} needs --guide DIR (a {guidance} checkpoint)")
         if sampler != "ddpm":
             raise SampleError(f"--guidance {guidance} samples with ddpm (GLIDE's guided sampler), not {sampler}")
-    model, params, tok, cfg = load_for_sampling(checkpoint)
+    base = model, params, tok, cfg = load_for_sampling(checkpoint)
     guide_bundle = load_for_sampling(guide) if guidance != "cfg" else None
     captions = heldout_captions(n, seed=seed, single_fraction=single_fraction)
     results = {"n": n, "respacing": respacing, "sampler": sampler, "guidance": guidance,
@@ -342,7 +342,7 @@ def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, set
     for _, _, interval in settings:
         if interval:
             raise ValueError("the upsampler has no classifier-free guidance: drop @LO-HI from --settings")
-    model, params, tok, cfg = load_for_sampling(checkpoint)
+    base = model, params, tok, cfg = load_for_sampling(checkpoint)
     up = load_for_sampling(upsampler)
     if not up[3].hparams.get("super_res"):
         raise SampleError(f"--upsample {upsampler}: not an upsampler checkpoint (kind {up[3].hparams.get('kind')})")
@@ -361,7 +361,7 @@ def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, set
     rows = [row("bilinear", bilinear),
             row("real", real, compare=reference_renders(captions[::-1], size, seed + 1))]
     for sampler, steps, _ in settings:
-        respacing = respacing_for(sampler, str(steps), up[3].hparams)
+        respacing = respacing_for(sampler, steps if isinstance(steps, str) else str(steps), up[3].hparams)
         sched = schedule_for(up[3].hparams, respacing)
 
         def run(part):
