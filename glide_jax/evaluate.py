@@ -328,6 +328,21 @@ def steps_sweep(checkpoint: str, *, n: int, scale: float, settings: Sequence[tup
             "table": steps_table(rows, n=n, scale=scale)}
 
 
+def bilinear_upscale(low: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, s, s, 3] -> uint8 [n, size, size, 3], the upsampler's conditioning upscale."""
+    return images.to_uint8(np.asarray(upsample_bilinear(images.from_uint8(low), size)))
+
+
+def upsample_batched(up, captions: Sequence[str], low: np.ndarray, *, batch: int, seed: int,
+                     respacing: str, sampler: str = "ddpm", start_t: int | None = None) -> np.ndarray:
+    """`sample.upsample_images` over uint8 base samples [n, s, s, 3] in batches of `batch`
+    (batch i seeded seed + i + 1, as the evaluations do) -> uint8 [n, S, S, 3]."""
+    return np.concatenate([
+        images.to_uint8(upsample_images(up, captions[i:i + batch], images.from_uint8(low[i:i + batch]),
+                                        respacing=respacing, sampler=sampler, seed=seed + i + 1, start_t=start_t))
+        for i in range(0, len(captions), batch)])
+
+
 def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, settings: Sequence[tuple],
                    seed: int = 0, batch: int = 32, base_setting: tuple[str, int] = FAST) -> dict:
     """The upsampling stage's (sampler, steps) settings on one fixed set of base samples.
@@ -342,7 +357,7 @@ def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, set
     for _, _, interval in settings:
         if interval:
             raise ValueError("the upsampler has no classifier-free guidance: drop @LO-HI from --settings")
-    base = model, params, tok, cfg = load_for_sampling(checkpoint)
+    model, params, tok, cfg = load_for_sampling(checkpoint)
     up = load_for_sampling(upsampler)
     if not up[3].hparams.get("super_res"):
         raise SampleError(f"--upsample {upsampler}: not an upsampler checkpoint (kind {up[3].hparams.get('kind')})")
@@ -357,22 +372,15 @@ def upsample_sweep(checkpoint: str, upsampler: str, *, n: int, scale: float, set
         return dict(name=name, **extra, seconds=seconds, **adherence_scores(captions, pics),
                     pixel_kid=pixel_kid(pics if compare is None else compare, real), sharpness=edge_sharpness(pics))
 
-    bilinear = images.to_uint8(np.asarray(upsample_bilinear(images.from_uint8(low), size)))
-    rows = [row("bilinear", bilinear),
+    rows = [row("bilinear", bilinear_upscale(low, size)),
             row("real", real, compare=reference_renders(captions[::-1], size, seed + 1))]
     for sampler, steps, _ in settings:
-        respacing = respacing_for(sampler, steps if isinstance(steps, str) else str(steps), up[3].hparams)
+        respacing = respacing_for(sampler, str(steps), up[3].hparams)
         sched = schedule_for(up[3].hparams, respacing)
-
-        def run(part):
-            return np.concatenate([
-                images.to_uint8(upsample_images(up, captions[i:i + batch], images.from_uint8(low[i:i + batch]),
-                                                respacing=respacing, sampler=sampler, seed=seed + i + 1))
-                for i in range(0, part, batch)])
-
-        run(min(batch, n))  # compile outside the timing
+        kw = dict(batch=batch, seed=seed, respacing=respacing, sampler=sampler)
+        upsample_batched(up, captions[:batch], low[:batch], **kw)  # compile outside the timing
         t0 = time.perf_counter()
-        pics = run(n)
+        pics = upsample_batched(up, captions, low, **kw)
         rows.append(row(f"{sampler}:{steps}", pics, time.perf_counter() - t0, sampler=sampler, steps=steps,
                         evaluations=sampling.evaluations(sampler, sched)))
         log.info("%s", rows[-1])

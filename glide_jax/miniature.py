@@ -65,8 +65,7 @@ from glide_jax.configs import shapes_classifier, shapes_clip, shapes_inpaint, sh
 from glide_jax.console import setup_logging
 from glide_jax.convert import save_converted
 from glide_jax.data import shapes
-from glide_jax.models.unet import upsample_bilinear
-from glide_jax.sample import SampleError, guided_images, load_for_sampling, sample_images, upsample_images
+from glide_jax.sample import SampleError, guided_images, load_for_sampling, sample_images
 from glide_jax.train import TrainingError, train_and_evaluate
 
 DEFAULT_WORKDIR = "runs/miniature"
@@ -490,13 +489,10 @@ def eval_cascade(ev: Eval) -> dict:
     captions = evaluate.heldout_captions(ev.opts.n, seed=ev.opts.seed)
     t0 = time.perf_counter()
     low = ev.samples(captions, scale=ev.scale)
-    b, high = ev.opts.batch, {}
-    for name, start in (("upsampled", None), ("upsampled_from_t", ev.opts.upsample_start)):
-        high[name] = np.concatenate([
-            images.to_uint8(upsample_images(up, captions[i:i + b], images.from_uint8(low[i:i + b]),
-                                            respacing=ev.up_respacing, seed=ev.opts.seed + i + 1, start_t=start))
-            for i in range(0, len(captions), b)])
-    bilinear = images.to_uint8(np.asarray(upsample_bilinear(images.from_uint8(low), size)))
+    high = {name: evaluate.upsample_batched(up, captions, low, batch=ev.opts.batch, seed=ev.opts.seed,
+                                            respacing=ev.up_respacing, start_t=start)
+            for name, start in (("upsampled", None), ("upsampled_from_t", ev.opts.upsample_start))}
+    bilinear = evaluate.bilinear_upscale(low, size)
     real = evaluate.reference_renders(captions, size, ev.opts.seed)
     real_low = evaluate.reference_renders(captions, low.shape[1], ev.opts.seed)
     # a second real set: the floor of the distance (two samples of the same distribution)

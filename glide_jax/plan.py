@@ -487,7 +487,7 @@ def _sliced_parameters(lines: Sequence[str], sizes: Mapping[str, tuple[int, int]
     out = {}
     for pname, index in params.items():
         use = users.get(pname, [])
-        if use and all(op in _READS_ITS_RESULT or op == "slice" for op, _ in use):
+        if use and all(op in _READS_ITS_RESULT for op, _ in use):
             parts = [sizes.get(u, (0, 0)) for _, u in use]
             out[index] = (sum(a for a, _ in parts), sum(b for _, b in parts))
     return out
