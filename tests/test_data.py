@@ -359,3 +359,13 @@ def test_two_processes_preparing_one_dataset_do_not_race(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     dirs = {q.get(timeout=5), q.get(timeout=5)}
     assert len(dirs) == 1 and pipeline.get_builder(data_config(tmp_path, train_examples=16)).is_prepared()
+
+
+def test_preparing_prints_nothing_on_stdout(tmp_path, capsys):
+    """A tool's stdout carries its result (`bench data --json`: one JSON line); tfds' banner of a
+    first preparation goes to stderr."""
+    builder = pipeline.prepare(data_config(tmp_path, train_examples=16))
+    assert builder.is_prepared()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "preparing dataset" in captured.err

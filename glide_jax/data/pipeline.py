@@ -58,6 +58,7 @@ import logging
 import os
 import pathlib
 import re
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -173,7 +174,10 @@ def prepare(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
             builder = get_builder(cfg)
             if not builder.is_prepared():
                 t0 = time.perf_counter()
-                builder.download_and_prepare(file_format="array_record")
+                # tfds prints its "Downloading and preparing" banner on stdout, which belongs to
+                # the tools' results (`bench --json` prints one JSON line there)
+                with contextlib.redirect_stdout(sys.stderr):
+                    builder.download_and_prepare(file_format="array_record")
                 logging.info("prepared %s in %.1fs", builder.data_dir, time.perf_counter() - t0)
     return builder
 
