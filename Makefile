@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the suite's files run on this many pytest-xdist workers (the CI machine has 2 cores)
+TEST_WORKERS ?= 2
 
 .PHONY: demo miniature test install shellcheck clean
 
@@ -30,7 +32,7 @@ miniature: $(STAMP)
 	$(PY) -m glide_jax.demo --all --workdir runs/miniature
 
 test: $(STAMP) shellcheck
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV) runs .jax_cache

@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel", "wheel"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "wheel"],
         "beam": ["apache-beam==2.77.0"],
         # the TPU compiler, for `python -m glide_jax.plan --tpu SLICE` on any machine; the version
         # jax[tpu]==0.10.2 pins (pip resolves it to libtpu 0.0.42.1)

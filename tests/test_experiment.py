@@ -103,7 +103,7 @@ def test_fsdp_rules_change_with_the_config():
     holds ~1/8); mapping in_features and embed to None replicates every parameter. Runs in a subprocess (the device count is fixed when jax starts)."""
     code = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
 from glide_jax import configs_loader, experiment, sharding
 config = configs_loader.load("test_tiny", lock=False)
@@ -129,7 +129,7 @@ def test_train_step_pins_activations_to_the_batch_axes():
     the jitted train step (and none without the activation rules)."""
     code = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax
 from glide_jax import configs_loader, experiment, sharding, train
 config = configs_loader.load("test_tiny", lock=False)

@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "scripts" / "multihost_preempt_worker.py"
 STEPS, CKPT_EVERY, CHECK_EVERY = 10, 4, 3  # agreement steps 3, 6, 9; regular checkpoints 4, 8, 10
@@ -53,7 +55,7 @@ def _free_port() -> int:
 def start(workdir, logs):
     """Both processes of one launch; (Popen, log path) per process."""
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     logs = pathlib.Path(logs)
     logs.mkdir(parents=True, exist_ok=True)
     procs = []

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from pt_writer import write_raw_pt
+from tests.helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = "configs/test_tiny.py"
@@ -361,7 +362,7 @@ def test_messy_folder_training_force_new_and_early_sigterm(baseline, messy_folde
 ])
 def test_bad_training_config_is_refused(tmp_path, override, message):
     workdir = tmp_path / "run"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = run(train_cmd(workdir, override), env=env, timeout=120)
     clean_failure(proc)
     assert message in proc.stderr, proc.stderr[-3000:]

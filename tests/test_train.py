@@ -13,6 +13,7 @@ import pytest
 
 from glide_jax import configs_loader, sharding
 from glide_jax.train_step import drop_captions
+from tests.helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "scripts")
@@ -81,7 +82,7 @@ def _free_port() -> int:
 def test_two_processes_train_together_and_agree(tmp_path):
     port = _free_port()
     workdir = str(tmp_path / "run")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))
     procs = [subprocess.Popen([sys.executable, os.path.join(SCRIPTS, "multihost_worker.py"), str(port), str(i),
                                workdir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
              for i in range(2)]

@@ -177,5 +177,8 @@ def test_unet_same_outputs_and_gradients_with_either_algorithm():
     scale = float(jnp.abs(ox).max())
     assert scale > 0.1
     np.testing.assert_allclose(ow, ox, atol=1e-4 * scale)
+    # biases followed by a GroupNorm have a gradient that is zero up to rounding (~1e-9): their
+    # floor is a millionth of the largest gradient, not of their own
+    floor = 1e-6 * max(float(jnp.abs(b).max()) for b in jax.tree.leaves(gx))
     for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gx)):
-        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + 1e-8)
+        np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()) + floor)
