@@ -31,10 +31,15 @@ def pytest_configure(config):
 
 
 # `make test` runs the files on two workers (pytest-xdist, whole files per worker, handed out in
-# collection order): the longest files go first so that neither worker is left with one at the end.
+# collection order): longest first (by their measured times), so that the last files handed out are
+# short ones and neither worker waits long for the other at the end. Files not named run last.
 LONGEST_FIRST = ("test_miniature.py", "test_reliability.py", "test_train.py", "test_sample.py",
-                 "test_multihost_faults.py", "test_plan_tpu.py", "test_bench.py", "test_winograd.py",
-                 "test_experiment.py", "test_plan.py")
+                 "test_multihost_faults.py", "test_bench.py", "test_plan_tpu.py", "test_winograd.py",
+                 "test_experiment.py", "test_plan.py", "test_unet.py", "test_host.py", "test_fid.py",
+                 "test_demo.py", "test_notebook.py", "test_prepare.py", "test_evaluate.py", "test_layers.py",
+                 "test_clip.py", "test_fast_sampling.py", "test_launch.py", "test_parity.py", "test_sampling.py",
+                 "test_atomic_outputs.py", "test_diffusion.py", "test_compile_cache.py", "test_damaged_data.py",
+                 "test_data.py", "test_convert.py", "test_classifier.py")
 
 
 def pytest_collection_modifyitems(config, items):
