@@ -1,4 +1,6 @@
 """Shared test helpers: tiny hyper-parameters and random-weight converted checkpoints."""
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -8,8 +10,8 @@ from glide_jax import experiment
 
 def xla_flags(devices: int) -> str:
     """The test session's XLA_FLAGS (conftest) with a fake CPU device count, for subprocesses."""
-    import os
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
 
 TINY_UNET = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", num_head_channels=32,
                  attention_resolutions="8", dropout=0.0, text_ctx=8, xf_width=32, xf_layers=1, xf_heads=2)
