@@ -297,7 +297,8 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     - `data.image_size` and `data.text_ctx` are the model's (0 = take the model's; any other
       value must agree);
     - `model.kernels` is resolved ("auto" -> what this backend runs), so the saved config names
-      the program that ran.
+      the program that ran;
+    - the network's constructor accepts the hparams (e.g. GLIDE's `channel_mult` rule).
     Raises SetupError with a one-line message.
     """
     h = config.model.hparams
@@ -327,6 +328,10 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if config.data.get("low_res_size", 0) and not kind.name.startswith("upsample"):
             raise SetupError(f"data.low_res_size={config.data.low_res_size} is for upsamplers; a {kind.name} "
                              "model takes no low-resolution input")
+    try:  # the network's own checks (shapes, channel multipliers): no parameters are made
+        from_hparams(h.to_dict())
+    except (ValueError, TypeError) as e:
+        raise SetupError(f"model.hparams: {e}") from None
     sharding.check_rules(config.mesh.rules)
     return config
 

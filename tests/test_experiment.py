@@ -43,6 +43,7 @@ def test_choosing_a_kind_brings_its_defaults():
 def test_finalize_fills_and_checks_what_must_agree():
     c = default_config("base")
     c.model.hparams.image_size = 32
+    c.model.hparams.channel_mult = "1,2,3"
     experiment.finalize(c)
     assert (c.data.image_size, c.data.text_ctx) == (32, 128)
     assert c.model.kernels in ("xla", "cpu")  # resolved, so the saved config names what ran
@@ -59,6 +60,10 @@ def test_finalize_fills_and_checks_what_must_agree():
     assert experiment.finalize(c).model.hparams.inpaint
     c = default_config("clip")
     assert experiment.finalize(c).data.text_ctx == 77
+    c = default_config("base")
+    c.model.hparams.channel_mult = "1,2"  # a 64 px GLIDE UNet has four levels
+    with pytest.raises(experiment.SetupError, match="model.hparams: channel_mult '1,2': GLIDE needs"):
+        experiment.finalize(c)
 
 
 def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):
