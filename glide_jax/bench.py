@@ -329,7 +329,7 @@ def bench_data(config_name: str, *, steps: int = 20, batch: int | None = None) -
     return dict(
         mode="data", dataset=config.data.name, images_per_s=rate, batch=int(config.data.batch_size),
         image_size=int(config.data.image_size), num_workers=int(config.data.num_workers), steps=steps,
-        host_cpus=os.cpu_count(), timing="per host, after 3 warm-up batches",
+        host_cpus=os.cpu_count(), timing="per host, after 3 warm-up batches", host=host.settings(),
     )
 
 

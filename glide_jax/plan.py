@@ -94,10 +94,17 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+_CHILD = "GLIDE_JAX_PLAN_CHILD"  # set in the fresh process the planner starts for fake devices
+
+
+def _fake_devices_env(n: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables that make jax start with n CPU devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", environ.get("XLA_FLAGS", ""))
+    return {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(), "JAX_PLATFORMS": "cpu"}
+
+
 def _set_fake_devices(n: int) -> None:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.update(_fake_devices_env(n, os.environ))
     if not xla_bridge.backends_are_initialized():
         jax.config.update("jax_platforms", "cpu")  # jax read JAX_PLATFORMS when it was imported
 
@@ -934,13 +941,6 @@ def _main_cpu(args, argv: list[str]) -> int:
     n = math.prod(sizes.values())
     if args.devices and args.devices != n:
         raise PlanError(f"mesh {sizes} needs {n} devices, but --devices {args.devices} were given")
-    if xla_bridge.backends_are_initialized():
-        # The fake device count only takes effect before jax starts: run in a fresh process.
-        env = dict(os.environ)
-        _set_fake_devices(n)
-        env.update(XLA_FLAGS=os.environ["XLA_FLAGS"], JAX_PLATFORMS="cpu")
-        return subprocess.run([sys.executable, "-m", "glide_jax.plan", *argv], env=env).returncode
-    _set_fake_devices(n)
     if args.hbm_gib:
         hbm, hbm_source = args.hbm_gib, "--hbm-gib"
     elif args.chip in bench.CHIPS:
@@ -948,7 +948,20 @@ def _main_cpu(args, argv: list[str]) -> int:
         hbm, hbm_source = chip.hbm_gib, f"{chip.name} HBM{' (default --chip)' if args.chip == DEFAULT_CHIP else ''}"
     else:
         raise PlanError(f"--chip {args.chip!r}: expected one of {sorted(bench.CHIPS)} or give --hbm-gib")
+    # The fake device count only takes effect before jax starts (loading a config starts it: its
+    # kernels are resolved for the backend), so a process where jax runs already checks the config
+    # and mesh, then plans in a fresh process.
+    started = xla_bridge.backends_are_initialized()
+    if not started:
+        _set_fake_devices(n)
     config = _load_config(args)
+    _check_batch(int(config.data.batch_size), int(config.train.micro_batches), sizes["data"] * sizes["fsdp"])
+    if started:
+        if os.environ.get(_CHILD) == "1":  # never a chain of processes
+            raise PlanError("jax started before the fake CPU devices could be set; run the planner as "
+                            "`python -m glide_jax.plan` in a fresh process")
+        env = dict(os.environ, **_fake_devices_env(n, os.environ), **{_CHILD: "1"})
+        return subprocess.run([sys.executable, "-m", "glide_jax.plan", *argv], env=env).returncode
     result = plan(config, sizes, hbm_gib=hbm)
     result.update(config=args.config, hbm_source=hbm_source)
     print(json.dumps(result) if args.json else format_table(result, args.config, hbm_source))

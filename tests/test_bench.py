@@ -32,18 +32,16 @@ def test_sample_json(capsys, hparams_file):
         assert r[key] > 0, key
 
 
-def test_train_json(capsys, hparams_file):
-    r = _run(capsys, ["train", "--hparams", hparams_file, "--batch", "2", "--steps", "1", "--json"])
-    assert r["batch"] == 2 and r["dtype"] == "float32" and r["backend"] == "cpu"
-    for key in ("per_step_s", "min_step_s", "compile_s", "params", "flops_per_step", "mfu", "achieved_gflops"):
-        assert r[key] > 0, key
-    assert r["min_step_s"] <= r["per_step_s"]
-
-
-def test_model_flops_do_not_depend_on_the_kernels(capsys, hparams_file):
-    """flops_per_step counts direct convolutions whichever kernels run; executed FLOPs differ."""
+def test_train_json_and_model_flops_do_not_depend_on_the_kernels(capsys, hparams_file):
+    """One object per run with positive timings; flops_per_step counts direct convolutions
+    whichever kernels run, executed FLOPs differ."""
     runs = {a: _run(capsys, ["train", "--hparams", hparams_file, "--batch", "2", "--steps", "1",
                              "--kernels", a, "--json"]) for a in ("xla", "winograd")}
+    for r in runs.values():
+        assert r["batch"] == 2 and r["dtype"] == "float32" and r["backend"] == "cpu"
+        for key in ("per_step_s", "min_step_s", "compile_s", "params", "flops_per_step", "mfu", "achieved_gflops"):
+            assert r[key] > 0, key
+        assert r["min_step_s"] <= r["per_step_s"]
     xla, wino = runs["xla"], runs["winograd"]
     assert wino["kernels"] == "winograd" and xla["kernels"] == "xla"
     assert wino["flops_per_step"] == pytest.approx(xla["flops_per_step"], rel=1e-6)
@@ -71,5 +69,5 @@ def test_chip_table():
 
 
 def test_data_json(capsys):
-    r = _run(capsys, ["data", "--config", "shapes_tiny", "--steps", "2", "--batch", "8", "--json"])
+    r = _run(capsys, ["data", "--config", "test_tiny", "--steps", "2", "--batch", "8", "--json"])
     assert r["images_per_s"] > 0 and r["batch"] == 8

@@ -194,6 +194,9 @@ def test_non_editable_install_trains_a_shipped_config_by_name(tmp_path):
                         str(tmp_path / "w"), "--config.train.num_steps=2", "--config.train.log_every=1",
                         "--config.train.checkpoint_every=2", "--config.train.async_checkpoint=False",
                         "--config.data.batch_size=4", "--config.data.train_examples=64",
+                        # the text encoder shrunk: the shipped file is what is tested, not its compile
+                        "--config.model.hparams.xf_layers=1", "--config.model.hparams.xf_width=32",
+                        "--config.model.hparams.xf_heads=2", "--config.model.hparams.text_ctx=8",
                         f"--config.data.data_dir={tmp_path / 'data'}"],
                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,6 +8,9 @@ workdir, compared bit for bit with an uninterrupted two-process run:
     A. SIGTERM to process 0, 2 s later to process 1        -> both stop at step a, exit 0
     B. the next start resumes at a; SIGTERM to process 1 only -> both stop at step b > a, exit 0
     C. the next start resumes at b and trains to the end  -> final state == the uninterrupted one
+
+The uninterrupted run is also the plain two-process check: both processes see the 2 devices of
+the two, finish every step and agree on a global checksum of the params.
 """
 import json
 import os
@@ -156,7 +159,9 @@ def test_sigterm_to_both_then_to_one_host_resumes_bit_identical(tmp_path):
     a = check_preempted(results, time.time() - t0, 0)
     assert a in steps_in(run)
     results = finish(base_procs)
-    assert all(rc == 0 and r == {"process": i, "step": STEPS} for i, (rc, r, _) in enumerate(results)), results
+    assert all(rc == 0 and r["process"] == i and r["step"] == STEPS and r["devices"] == 2
+               for i, (rc, r, _) in enumerate(results)), results
+    assert results[0][1]["checksum"] == results[1][1]["checksum"]
     assert steps_in(base) == [4, 8, 10]
     assert restore(run, a)[1] == {"step": a}
 
@@ -173,7 +178,7 @@ def test_sigterm_to_both_then_to_one_host_resumes_bit_identical(tmp_path):
 
     # C: the next start resumes at b and finishes; the final state is the uninterrupted run's
     results = finish(start(run, tmp_path / "logs_c"))
-    assert all(rc == 0 and r == {"process": i, "step": STEPS} for i, (rc, r, _) in enumerate(results)), results
+    assert all(rc == 0 and r["process"] == i and r["step"] == STEPS for i, (rc, r, _) in enumerate(results)), results
     assert f"resumed from step {b}" in results[0][2]
     got, got_data = restore(run, STEPS)
     want, want_data = restore(base, STEPS)

@@ -384,23 +384,35 @@ def _sample(*args):
     return run([sys.executable, "-m", "glide_jax.sample", "--prompt", "a red circle", *args], timeout=120)
 
 
-def test_sample_cli_bad_arguments(baseline, tmp_path):
-    proc = _sample("--checkpoint", str(tmp_path / "nonexistent"))
+def _sample_here(capsys, *args):
+    """`sample.main` in this process (what the CLI runs, less a process start): an uncaught
+    exception fails the test, so `clean_failure` means the same as for a subprocess."""
+    from glide_jax import sample
+    capsys.readouterr()
+    try:
+        rc = sample.main(["--prompt", "a red circle", *args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return subprocess.CompletedProcess(args, rc, "", capsys.readouterr().err)
+
+
+def test_sample_cli_bad_arguments(baseline, tmp_path, capsys):
+    proc = _sample("--checkpoint", str(tmp_path / "nonexistent"))  # the real command line once
     clean_failure(proc)
     assert "does not exist" in proc.stderr
     for scale in ("abc", "nan", "-1"):
-        proc = _sample("--checkpoint", str(baseline), "--scale", scale)
+        proc = _sample_here(capsys, "--checkpoint", str(baseline), "--scale", scale)
         clean_failure(proc)
         assert "--scale" in proc.stderr
-    proc = _sample("--checkpoint", str(baseline), "--steps", "ddimxyz")
+    proc = _sample_here(capsys, "--checkpoint", str(baseline), "--steps", "ddimxyz")
     clean_failure(proc)
     assert "--steps ddimxyz" in proc.stderr
     image = tmp_path / "image.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(image)
-    proc = _sample("--checkpoint", str(baseline), "--inpaint", str(image), "--mask", str(image))
+    proc = _sample_here(capsys, "--checkpoint", str(baseline), "--inpaint", str(image), "--mask", str(image))
     clean_failure(proc)
     assert "needs an inpainting model" in proc.stderr and "'base'" in proc.stderr
-    proc = _sample("--checkpoint", str(baseline), "--inpaint", str(image))
+    proc = _sample_here(capsys, "--checkpoint", str(baseline), "--inpaint", str(image))
     clean_failure(proc)
     assert "go together" in proc.stderr
 
@@ -423,7 +435,7 @@ def _fake_inpaint_checkpoint(path, size=16):
     ("mask-colour", "the mask has colours"),
     ("not-an-image", "not a readable image"),
 ])
-def test_sample_cli_bad_inpaint_inputs(tmp_path, case, message):
+def test_sample_cli_bad_inpaint_inputs(tmp_path, case, message, capsys):
     ckpt = _fake_inpaint_checkpoint(tmp_path / "inpaint")
     image, mask = tmp_path / "image.png", tmp_path / "mask.png"
     Image.new("RGB", (32, 32) if case == "image-size" else (16, 16), (10, 20, 30)).save(image)
@@ -436,7 +448,8 @@ def test_sample_cli_bad_inpaint_inputs(tmp_path, case, message):
     else:
         Image.new("L", (16, 16), 255).save(mask)
     out = tmp_path / "out.png"
-    proc = _sample("--checkpoint", str(ckpt), "--inpaint", str(image), "--mask", str(mask), "--out", str(out))
+    proc = _sample_here(capsys, "--checkpoint", str(ckpt), "--inpaint", str(image), "--mask", str(mask),
+                        "--out", str(out))
     clean_failure(proc)
     assert message in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()

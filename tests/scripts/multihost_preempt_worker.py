@@ -7,8 +7,9 @@ Runs `train_and_evaluate` as `python -m glide_jax.train` does (the same SIGTERM 
 resuming from WORKDIR's newest checkpoint, with a log line (and metrics.jsonl row) per step.
 STEP_DELAY_S (default 0) sleeps that long before each batch is made global, so that a test can
 signal a run that is surely still training; it changes timing only, never what is computed.
-Prints `RESULT {"process": i, "step": ...}` with the step the run stopped at (NUM_STEPS, or
-less when it was preempted).
+Prints `RESULT {"process": i, "step": ..., "devices": ..., "checksum": ...}`: the step the run
+stopped at (NUM_STEPS, or less when it was preempted), the global device count, and a global
+checksum of the params (a replicated scalar every process must agree on).
 """
 import json
 import os
@@ -76,7 +77,9 @@ def main():
     config.train.log_every = 1
     config.train.keep_checkpoints = 100  # every checkpoint stays, to compare
     state = train.train_and_evaluate(config, workdir)
-    print("RESULT " + json.dumps({"process": pid, "step": int(state.step)}), flush=True)
+    checksum = jax.jit(lambda p: sum(jax.numpy.sum(jax.numpy.square(x)) for x in jax.tree.leaves(p)))(state.params)
+    print("RESULT " + json.dumps({"process": pid, "step": int(state.step), "devices": jax.device_count(),
+                                  "checksum": float(checksum)}), flush=True)
 
 
 if __name__ == "__main__":
