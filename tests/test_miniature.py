@@ -208,6 +208,24 @@ def test_upsampler_sweep_scores_each_setting_on_the_same_base_samples(run):
     assert code == 2 and "not an upsampler checkpoint" in err
 
 
+def test_trained_clip_workdir_guides_the_sample_cli_with_the_clip_tokenizer(run, tmp_path):
+    """A noised CLIP trained by glide_jax.train (the miniature's clip stage) loads from its workdir
+    with CLIP's BPE, and `python -m glide_jax.sample --guidance clip --clip DIR` samples with it."""
+    from glide_jax import sample
+
+    root, _ = run
+    _, _, tok, cfg = load_for_sampling(str(root / "clip"))
+    assert isinstance(tok, tokenizer.ClipTokens) and cfg.hparams["kind"] == "clip"
+    tokens, mask = tok.encode_batch(["a red circle"])
+    assert tokens.shape == (1, 8) and tokens[0, 0] == tok.bpe.start_token and mask.sum() == 5
+    out = tmp_path / "guided.png"
+    code, _, err = _main(["--checkpoint", str(root / "base"), "--prompt", "a red circle", "--guidance", "clip",
+                          "--clip", str(root / "clip"), "--scale", "2", "--steps", "2", "--out", str(out)],
+                         entry=sample.main)
+    assert code == 0, err[-2000:]
+    assert np.asarray(Image.open(out)).std() > 1.0
+
+
 def test_export_refuses_a_different_network(run):
     root, _ = run
     config = configs_loader.load("shapes_inpaint")  # the full-size network, not the run's shrunk one
