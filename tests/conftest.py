@@ -14,6 +14,11 @@ if os.environ.get("GLIDE_JAX_TEST_XLA_OPT", "0") != "1" and "xla_backend_optimiz
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 host.pin_cpu_platform()  # the [tpu] extra's libtpu would otherwise start in every test process
 host.apply()
+# the tools' huge-page malloc for every subprocess from the start, so that none re-executes itself
+# to get it (`host.tune_for_cli`; test_host.py checks the re-exec with the variable removed)
+_tunables = host.malloc_tunables()
+if _tunables is not None:
+    os.environ["GLIBC_TUNABLES"] = _tunables
 
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))
@@ -33,13 +38,13 @@ def pytest_configure(config):
 # `make test` runs the files on two workers (pytest-xdist, whole files per worker, handed out in
 # collection order): longest first (by their measured times), so that the last files handed out are
 # short ones and neither worker waits long for the other at the end. Files not named run last.
-LONGEST_FIRST = ("test_miniature.py", "test_reliability.py", "test_train.py", "test_sample.py",
-                 "test_multihost_faults.py", "test_bench.py", "test_plan_tpu.py", "test_winograd.py",
-                 "test_experiment.py", "test_plan.py", "test_unet.py", "test_host.py", "test_fid.py",
-                 "test_demo.py", "test_notebook.py", "test_prepare.py", "test_evaluate.py", "test_layers.py",
-                 "test_clip.py", "test_fast_sampling.py", "test_launch.py", "test_parity.py", "test_sampling.py",
-                 "test_atomic_outputs.py", "test_diffusion.py", "test_compile_cache.py", "test_damaged_data.py",
-                 "test_data.py", "test_convert.py", "test_classifier.py")
+LONGEST_FIRST = ("test_reliability.py", "test_miniature.py", "test_train.py", "test_multihost_faults.py",
+                 "test_plan_tpu.py", "test_sample.py", "test_unet.py", "test_winograd.py", "test_experiment.py",
+                 "test_fid.py", "test_bench.py", "test_plan.py", "test_prepare.py", "test_demo.py",
+                 "test_notebook.py", "test_fast_sampling.py", "test_parity.py", "test_evaluate.py", "test_launch.py",
+                 "test_clip.py", "test_layers.py", "test_data.py", "test_atomic_outputs.py", "test_damaged_data.py",
+                 "test_host.py", "test_compile_cache.py", "test_convert.py", "test_diffusion.py",
+                 "test_classifier.py", "test_sampling.py")
 
 
 def pytest_collection_modifyitems(config, items):

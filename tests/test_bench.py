@@ -5,7 +5,7 @@ import pytest
 
 from glide_jax import bench
 
-TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,1", attention_resolutions="8",
+TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="8",
             num_head_channels=32, dropout=0.0, text_ctx=4, xf_width=32, xf_layers=1, xf_heads=2)
 
 
