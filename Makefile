@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# the suite's files run on this many pytest-xdist workers (the CI machine has 2 cores)
-TEST_WORKERS ?= 2
+# the suite's files run on this many pytest-xdist workers: 3 on the 2-core CI machine, because
+# several tests wait on their subprocesses (docs/benchmarks.md, "Test suite wall time")
+TEST_WORKERS ?= 3
 
 .PHONY: demo miniature test install shellcheck clean
 

@@ -35,7 +35,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test (runs in CI too)")
 
 
-# `make test` runs the files on two workers (pytest-xdist, whole files per worker, handed out in
+# `make test` runs the files on three workers (pytest-xdist, whole files per worker, handed out in
 # collection order): longest first (by their measured times), so that the last files handed out are
 # short ones and neither worker waits long for the other at the end. Files not named run last.
 LONGEST_FIRST = ("test_reliability.py", "test_miniature.py", "test_train.py", "test_multihost_faults.py",
