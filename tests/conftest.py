@@ -37,7 +37,7 @@ def pytest_configure(config):
 
 # `make test` runs the files on three workers (pytest-xdist, whole files per worker, handed out in
 # collection order): longest first (by their measured times), so that the last files handed out are
-# short ones and neither worker waits long for the other at the end. Files not named run last.
+# short ones and no worker waits long for the others at the end. Files not named run last.
 LONGEST_FIRST = ("test_reliability.py", "test_miniature.py", "test_train.py", "test_multihost_faults.py",
                  "test_plan_tpu.py", "test_sample.py", "test_unet.py", "test_winograd.py", "test_experiment.py",
                  "test_fid.py", "test_bench.py", "test_plan.py", "test_prepare.py", "test_demo.py",
