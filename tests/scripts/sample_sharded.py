@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import TINY  # noqa: E402
+from helpers import TINY, xla_flags  # noqa: E402
 
 from glide_jax import experiment  # noqa: E402
 from glide_jax.sample import sample_images  # noqa: E402
@@ -32,6 +32,6 @@ def samples() -> np.ndarray:
 
 if __name__ == "__main__":
     # read when jax starts its CPU backend (the first computation), not at import
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={sys.argv[1]}"
+    os.environ["XLA_FLAGS"] = xla_flags(int(sys.argv[1]))
     assert jax.device_count() == int(sys.argv[1])
     np.save(sys.argv[2], samples())
