@@ -98,6 +98,8 @@ class Kind:
       remat_key: the hparams switch that turns on rematerialisation (None: the kind has none).
       scan_key: the hparams switch that runs its repeated transformer blocks as one lax.scan
         (None: the kind has none).
+      scan_blocks_key: the hparams switch that runs its UNet's runs of same-shape blocks as
+        lax.scans (None: the kind has none).
       labels: training batches carry a class `label` [B] int32.
       has_kernels: the network takes `kernels` (the noised CLIP has no backend-specific kernels).
       release_files: the PyTorch files a released checkpoint of the kind comes in (the noised
@@ -114,6 +116,7 @@ class Kind:
     text: str
     remat_key: str | None
     scan_key: str | None = None
+    scan_blocks_key: str | None = None
     labels: bool = False
     has_kernels: bool = True
     release_files: tuple[str, ...] = ("model",)
@@ -131,7 +134,8 @@ def _unet(h, dtype):
 
 def _unet_kind(name: str, upsample: bool, inpaint: bool) -> Kind:
     return Kind(name, "generator", _unet_defaults(upsample, inpaint), _unet, losses.diffusion_loss,
-                text="caption", remat_key="remat", scan_key="scan_layers")
+                text="caption", remat_key="remat", scan_key="scan_layers",
+                scan_blocks_key="scan_blocks")
 
 
 KINDS: dict[str, Kind] = {
@@ -194,7 +198,7 @@ def resolve_kernels(kernels: str, backend: str | None = None) -> str:
 
 
 def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
-          scan_layers: bool = False, kernels: str = "xla") -> nn.Module:
+          scan_layers: bool = False, scan_blocks: bool = False, kernels: str = "xla") -> nn.Module:
     """`from_hparams` plus the runtime switches of `config.model`, none of which changes the
     parameters.
 
@@ -203,6 +207,8 @@ def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
       scan_layers: run the identical blocks of the kind's transformers (a UNet's text encoder, the
         CLIP's two encoders) as one lax.scan each: a smaller program for the compiler (the
         classifier has none and ignores it).
+      scan_blocks: run a UNet's runs of same-shape blocks (ResBlock + attention) as one lax.scan
+        each (the generators; the others ignore it).
       kernels: "auto" | one of `layers.KERNELS` ("xla", "cpu", or "winograd": the CPU kernels with
         Winograd forced on every 3x3 convolution it supports, for benchmarks and tests).
     """
@@ -214,13 +220,16 @@ def build(hparams: Mapping[str, Any], dtype=jnp.float32, *, remat: bool = False,
         hparams[kind.remat_key] = True
     if scan_layers and kind.scan_key:
         hparams[kind.scan_key] = True
+    if scan_blocks and kind.scan_blocks_key:
+        hparams[kind.scan_blocks_key] = True
     return from_hparams(hparams, dtype)
 
 
 def model_from_config(config, *, kernels: str | None = None) -> nn.Module:
     m = config.model
     return build(m.hparams.to_dict(), jnp.dtype(m.dtype), remat=bool(m.remat),
-                 scan_layers=bool(m.get("scan_layers", False)), kernels=kernels or m.kernels)
+                 scan_layers=bool(m.get("scan_layers", False)), scan_blocks=bool(m.get("scan_blocks", False)),
+                 kernels=kernels or m.kernels)
 
 
 def tokenizer_for(hparams: Mapping[str, Any], tokenizer_config=None):
@@ -413,6 +422,11 @@ def setup_state(config, mesh=None, *, manager=None, fresh: bool = False, abstrac
     boxed, init_fn = _abstract_state(model, tx, rng)
     if mesh is not None:
         shardings = sharding.logical_shardings(boxed, mesh, config.mesh.rules)
+        if config.mesh.get("shard_update_over_data", False):
+            shapes = nn.meta.unbox(boxed)
+            shardings = shardings.replace(
+                opt_state=sharding.split_over_data(shapes.opt_state, shardings.opt_state),
+                ema_params=sharding.split_over_data(shapes.ema_params, shardings.ema_params))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 nn.meta.unbox(boxed), shardings)
     else:

@@ -226,3 +226,11 @@ def test_scan_layers_is_a_runtime_switch():
     assert experiment.build(TINY["base"], scan_layers=True).config.scan_layers
     assert experiment.build(TINY["clip"], scan_layers=True).config.scan_layers
     experiment.build(TINY["classifier"], scan_layers=True)  # no transformer: ignored
+    # the UNet's block runs: the same kind of switch, for the generators only
+    assert experiment.build(TINY["base"], scan_blocks=True).config.scan_blocks
+    assert not experiment.build(TINY["base"]).config.scan_blocks
+    experiment.build(TINY["clip"], scan_blocks=True)  # no UNet: ignored
+    blocks = default_config("base")
+    blocks.model.scan_blocks = True
+    assert experiment.model_from_config(blocks).config.scan_blocks
+    assert "scan_blocks" not in experiment.config_fingerprint(blocks)["hparams"]

@@ -2,6 +2,7 @@
 counts, bf16, config parsing, and the weight-name table for a variant the fixtures never use."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -40,6 +41,17 @@ def test_fixture_outputs_match_glide(kind):
     failed = [r for r in rows if not r[1]]
     assert not failed, failed
     assert {"output", "emb", "xf_out", "loop_samples"} <= {r[0] for r in rows}
+
+
+def test_fixture_outputs_match_glide_with_scanned_blocks_and_text():
+    """The runtime scans (UNet block runs, text transformer) leave GLIDE's outputs and the
+    block-by-block traces within the fixture's tolerances."""
+    fixture = FIXTURES / "base"
+    with jax.default_matmul_precision("highest"):
+        got = unet_parity.compute(fixture, scan_blocks=True, scan_layers=True)
+    rows = check_outputs(fixture, got)
+    assert not [r for r in rows if not r[1]]
+    assert {"output", "xf_out"} <= {r[0] for r in rows}
 
 
 @pytest.mark.parametrize("kind", KINDS + ("classifier",))
@@ -326,6 +338,95 @@ def test_scan_layers_shrinks_the_lowered_program():
     assert scanned.count("stablehlo.dot_general") <= plain.count("stablehlo.dot_general") - 7 * 18
     # most of this program is the UNet trunk, which scan_layers leaves as it is
     assert len(scanned) < 0.9 * len(plain)
+
+
+SCAN_VARIANT = UNetConfig(
+    image_size=16, num_channels=32, num_res_blocks=2, channel_mult=(1, 2), num_heads=2,
+    num_head_channels=-1, attention_resolutions=(8,), dropout=0.0, text_ctx=4, xf_width=32,
+    xf_layers=1, xf_heads=2, n_vocab=64,
+)
+# runs this variant scans: input_blocks_1..2 (32 -> 32), output_blocks_0..1 (with attention, skips
+# of 64 channels) and output_blocks_4..5 (32 + 32 -> 32); the other blocks change shape
+
+
+def _unet_loss_and_traces(config, params, kw, train):
+    model = Text2ImUNet(config)
+
+    def loss(p):
+        out, inter = model.apply({"params": p}, **kw, train=train, mutable=["intermediates"],
+                                 rngs={"dropout": jax.random.PRNGKey(3)})
+        traces = {k: v[0] for k, v in inter["intermediates"].items() if k.startswith("trace.")}
+        return jnp.sum(out ** 2) + jnp.sum(jnp.sin(out)), (out, traces)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("train,remat", [(False, False), (True, True)])
+def test_scan_blocks_matches_the_unrolled_unet(train, remat):
+    """Runs of same-shape UNet blocks as lax.scans: same parameter tree, outputs, block traces and
+    gradients on every per-block parameter as the unrolled UNet (float32)."""
+    rng = np.random.default_rng(0)
+    plain = dataclasses.replace(SCAN_VARIANT, remat=remat)
+    scanned = dataclasses.replace(plain, scan_blocks=True)
+    abstract = _abstract(Text2ImUNet(plain))
+    assert jax.tree_util.tree_map(lambda s: s.shape, _abstract(Text2ImUNet(scanned))) == \
+        jax.tree_util.tree_map(lambda s: s.shape, abstract)
+    params = jax.tree_util.tree_map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract)
+    kw = Text2ImUNet(plain).init_inputs(batch=2)
+    kw["x"] = jnp.asarray(rng.standard_normal(kw["x"].shape), jnp.float32)
+    kw["t"] = jnp.array([3, 700])
+    kw["tokens"] = jnp.asarray(rng.integers(0, 64, kw["tokens"].shape), jnp.int32)
+    with jax.default_matmul_precision("highest"):
+        (l0, (out0, tr0)), g0 = _unet_loss_and_traces(plain, params, kw, train)
+        (l1, (out1, tr1)), g1 = _unet_loss_and_traces(scanned, params, kw, train)
+    np.testing.assert_allclose(out1, out0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    assert set(tr1) == set(tr0) and {"trace.input_blocks.2", "trace.output_blocks.5"} <= set(tr0)
+    for k in tr0:
+        np.testing.assert_allclose(tr1[k], tr0[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert jax.tree_util.tree_structure(g1) == jax.tree_util.tree_structure(g0)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree_util.tree_leaves(g1)):
+        # (a conv bias right before a GroupNorm of one channel per group has a zero gradient:
+        # float noise ~1e-7 on both sides)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=max(1e-5 * float(jnp.abs(a).max()), 2e-6),
+                                   err_msg=jax.tree_util.keystr(path))
+    # the scanned blocks' own parameters do get gradients
+    assert float(jnp.abs(g1["output_blocks_1_1"]["qkv"]["kernel"]).max()) > 0
+
+
+def test_scan_blocks_dropout_is_deterministic_per_key():
+    config = dataclasses.replace(SCAN_VARIANT, dropout=0.3, scan_blocks=True)
+    model = Text2ImUNet(config)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), **model.init_inputs(2)))["params"]
+    # out_layers_3 is zero-initialised; non-zero weights let the dropout masks show
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)
+    kw = model.init_inputs(batch=2)
+
+    def run(key, train=True):
+        return model.apply({"params": params}, **kw, train=train, rngs={"dropout": jax.random.PRNGKey(key)})
+
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a - c).max()) > 1e-4
+    assert float(jnp.abs(a - run(1, train=False)).max()) > 1e-4
+
+
+def test_scan_blocks_shrinks_the_lowered_program():
+    """Forward + backward of the scanned UNet lowers to while loops with fewer convolutions."""
+    def lowered(config):
+        model = Text2ImUNet(config)
+        kw = model.init_inputs(batch=2)
+
+        def loss(p):
+            return jnp.sum(model.apply({"params": p}, **kw) ** 2)
+
+        return jax.jit(jax.grad(loss)).lower(_abstract(model)).as_text()
+
+    plain, scanned = lowered(SCAN_VARIANT), lowered(dataclasses.replace(SCAN_VARIANT, scan_blocks=True))
+    assert "stablehlo.while" not in plain and "stablehlo.while" in scanned
+    # three runs of two blocks, two 3x3 convolutions each, three convolutions per conv forward +
+    # backward: one block's worth per run is gone
+    assert scanned.count("stablehlo.convolution") <= plain.count("stablehlo.convolution") - 3 * 2 * 3
 
 
 def _glide_attention_reference(x, p, heads, enc=None):

@@ -113,6 +113,7 @@ class UNetConfig:
     out_channels: int = 6
     remat: bool = False
     scan_layers: bool = False  # runtime, not a GLIDE key: the text transformer as one lax.scan
+    scan_blocks: bool = False  # runtime, not a GLIDE key: runs of same-shape UNet blocks as lax.scans
     kernels: str = "xla"  # runtime, not a GLIDE key: layers.KERNELS
 
     def __post_init__(self):
@@ -143,6 +144,7 @@ class UNetConfig:
             use_scale_shift_norm=self.use_scale_shift_norm,
             resblock_updown=self.resblock_updown,
             remat=self.remat,
+            scan_blocks=self.scan_blocks,
             kernels=self.kernels,
         )
 
@@ -237,6 +239,7 @@ class TrunkSpec:
     conv_resample: bool = True
     use_new_attention_order: bool = False
     remat: bool = False
+    scan_blocks: bool = False  # see `_res_attn_run`
     kernels: str = "xla"
 
 
@@ -277,6 +280,71 @@ def _res_attn(spec, prefix, h, emb, xf_out, out_ch, use_attn, heads, train, dtyp
     return h
 
 
+def _res_attn_run(m, spec: TrunkSpec, prefixes, h, emb, xf_out, out_ch, use_attn, heads, train, dtype,
+                  skips=None, keep_outputs=True):
+    """Blocks `prefixes` in order, each a ResBlock `{p}_0` (+ attention `{p}_1`) on h, or on
+    concat([h, skip_j]) when `skips` are given; every block's output stays batch-sharded.
+
+    With `spec.scan_blocks` (and outside `init`, which creates the per-block names) a run of two or
+    more blocks is ONE `jax.lax.scan` over their parameters stacked per leaf, so the compiler sees
+    one block body instead of n copies; the caller must pass only blocks of one shape (same input
+    and skip channels). Parameters, outputs and gradients are those of the unrolled blocks; only
+    the dropout masks come from another split of the step's dropout key.
+
+    h: [B, H, W, C_in] -> (h [B, H, W, out_ch], the n block outputs if `keep_outputs` else []).
+    """
+    n = len(prefixes)
+    if not spec.scan_blocks or n < 2 or m.is_initializing():
+        outs = []
+        for j, p in enumerate(prefixes):
+            if skips is not None:
+                h = jnp.concatenate([h, skips[j].astype(h.dtype)], axis=-1)
+            h = constrain_batch(_res_attn(spec, p, h, emb, xf_out, out_ch, use_attn, heads, train, dtype))
+            outs.append(h)
+        return h, outs if keep_outputs else []
+
+    params = nn.meta.unbox(m.variables["params"])
+    per_block = [{"res": params[f"{p}_0"], **({"attn": params[f"{p}_1"]} if use_attn else {})}
+                 for p in prefixes]
+    xs: dict[str, Any] = {"p": jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_block)}
+    if skips is not None:
+        xs["skip"] = jnp.stack([s.astype(h.dtype) for s in skips])
+    if train and spec.dropout > 0:
+        xs["rng"] = jax.random.split(m.make_rng("dropout"), n)
+    # unbound templates, applied functionally with each block's parameters
+    res = ResBlock(out_ch, spec.use_scale_shift_norm, spec.dropout, train=train, dtype=dtype,
+                   kernels=spec.kernels, parent=None)
+    attn = AttentionBlock(heads, spec.num_head_channels, spec.use_new_attention_order, dtype, spec.kernels,
+                          parent=None)
+
+    def body(h, x):
+        if "skip" in x:
+            h = jnp.concatenate([h, x["skip"]], axis=-1)
+        rngs = {"dropout": x["rng"]} if "rng" in x else None
+        h = res.apply({"params": x["p"]["res"]}, h, emb, rngs=rngs)
+        if use_attn:
+            h = attn.apply({"params": x["p"]["attn"]}, h, xf_out)
+        h = constrain_batch(h)
+        return h, (h if keep_outputs else None)
+
+    if spec.remat:
+        # nn.remat per block, as unrolled: keep each block's input, recompute its inside
+        body = jax.checkpoint(body, prevent_cse=False)
+    h, ys = jax.lax.scan(body, h, xs)
+    return h, [ys[j] for j in range(n)] if keep_outputs else []
+
+
+def _runs(keys):
+    """Consecutive equal keys -> [[i, ...], ...] index groups."""
+    groups: list[list[int]] = []
+    for i, k in enumerate(keys):
+        if groups and keys[groups[-1][-1]] == k:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def down_path(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     """input_blocks. h: [B, S, S, C_in] -> (h [B, S/2^(L-1), ., C], skips list)."""
     res_cls, _ = _blocks(spec)
@@ -287,12 +355,16 @@ def down_path(m, spec: TrunkSpec, h, emb, xf_out, train: bool, dtype: Dtype):
     h = _block_boundary(m, "trace.input_blocks.0", h)
     ds = 1
     for level, mult in enumerate(spec.channel_mult):
-        for _ in range(spec.num_res_blocks):
-            i = len(hs)
-            h = _res_attn(spec, f"input_blocks_{i}", h, emb, xf_out, int(mult * mc),
-                          ds in spec.attention_ds, spec.num_heads, train, dtype)
-            hs.append(h)
-            h = _block_boundary(m, f"trace.input_blocks.{i}", h)
+        out_ch = int(mult * mc)
+        # a level's first block may change the channel count; the others keep it
+        in_chs = [h.shape[-1]] + [out_ch] * (spec.num_res_blocks - 1)
+        for run in _runs(in_chs):
+            first = len(hs)
+            h, outs = _res_attn_run(m, spec, [f"input_blocks_{first + j}" for j in range(len(run))], h,
+                                    emb, xf_out, out_ch, ds in spec.attention_ds, spec.num_heads, train, dtype)
+            for j, out in enumerate(outs):
+                hs.append(out)
+                _block_boundary(m, f"trace.input_blocks.{first + j}", out)
         if level != len(spec.channel_mult) - 1:
             i = len(hs)
             name = f"input_blocks_{i}_0"
@@ -329,24 +401,34 @@ def up_path(m, spec: TrunkSpec, h, hs, emb, xf_out, train: bool, dtype: Dtype):
     hs = list(hs)
     ds = 2 ** (len(spec.channel_mult) - 1)
     i = 0
+    traced = m.is_mutable_collection("intermediates")
     for level, mult in reversed(list(enumerate(spec.channel_mult))):
-        for r in range(spec.num_res_blocks + 1):
-            h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
-            use_attn = ds in spec.attention_ds
-            h = _res_attn(spec, f"output_blocks_{i}", h, emb, xf_out,
-                          int(mult * spec.model_channels), use_attn, heads_up, train, dtype)
-            if level and r == spec.num_res_blocks:
-                name = f"output_blocks_{i}_{2 if use_attn else 1}"
-                if spec.resblock_updown:
-                    h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, up=True,
-                                train=train, dtype=dtype, kernels=spec.kernels,
-                                name=name)(h, emb)
-                else:
-                    h = Upsample(spec.conv_resample, dtype=dtype, kernels=spec.kernels,
-                                 name=name)(h)
-                ds //= 2
-            h = _block_boundary(m, f"trace.output_blocks.{i}", h)
-            i += 1
+        out_ch = int(mult * spec.model_channels)
+        use_attn = ds in spec.attention_ds
+        n = spec.num_res_blocks + 1
+        skips = [hs.pop() for _ in range(n)]
+        # block r reads [h, skip_r]: h has the incoming channels at r = 0, out_ch after
+        keys = [(h.shape[-1] if r == 0 else out_ch, s.shape[-1]) for r, s in enumerate(skips)]
+        for run in _runs(keys):
+            h, outs = _res_attn_run(m, spec, [f"output_blocks_{i + j}" for j in range(len(run))], h, emb,
+                                    xf_out, out_ch, use_attn, heads_up, train, dtype,
+                                    skips=[skips[r] for r in run], keep_outputs=traced)
+            last = run[-1] == n - 1
+            for j, out in enumerate(outs):
+                if not (last and j == len(run) - 1):
+                    _block_boundary(m, f"trace.output_blocks.{i + j}", out)
+            i += len(run)
+        if level:
+            name = f"output_blocks_{i - 1}_{2 if use_attn else 1}"
+            if spec.resblock_updown:
+                h = res_cls(h.shape[-1], spec.use_scale_shift_norm, spec.dropout, up=True,
+                            train=train, dtype=dtype, kernels=spec.kernels,
+                            name=name)(h, emb)
+            else:
+                h = Upsample(spec.conv_resample, dtype=dtype, kernels=spec.kernels,
+                             name=name)(h)
+            ds //= 2
+        h = _block_boundary(m, f"trace.output_blocks.{i - 1}", h)
     return h
 
 

@@ -6,6 +6,8 @@ sampling loop (`loop_timestep_map`, `loop_samples`). NCHW exists only at this bo
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import pathlib
 from typing import Any, Mapping
@@ -77,15 +79,18 @@ def _loop(model: Text2ImUNet, params, config: UNetConfig, hparams, loop: Mapping
     return np.asarray(sched.timestep_map, np.int64), _nchw(samples)
 
 
-def compute(fixture_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every output array of a UNet fixture (float32 NCHW images, NCL xf_out, int64 maps)."""
+def compute(fixture_dir: pathlib.Path, **runtime: Any) -> dict[str, np.ndarray]:
+    """Every output array of a UNet fixture (float32 NCHW images, NCL xf_out, int64 maps).
+
+    `runtime`: UNetConfig runtime switches that must not change the outputs, e.g. scan_blocks=True.
+    """
     fixture_dir = pathlib.Path(fixture_dir)
     hparams = json.loads((fixture_dir / "hparams.json").read_text())
     meta = json.loads((fixture_dir / "meta.json").read_text())
     wanted = {k: v["dtype"] for k, v in meta["arrays"].items() if v["role"] == "output"}
     with np.load(fixture_dir / "io.npz") as f:
         io = {k: f[k] for k in f.files}
-    config = UNetConfig.from_hparams(hparams)
+    config = dataclasses.replace(UNetConfig.from_hparams(hparams), **runtime)
     model = Text2ImUNet(config)
     params = load_params(fixture_dir / "model.pt", model)
 
