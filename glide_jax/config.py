@@ -29,6 +29,10 @@ def default_config(kind: str = "base") -> ml_collections.ConfigDict:
     # the compiler sees one block instead of n copies (smaller program, faster compile). Same
     # parameters either way.
     c.model.scan_layers = False
+    # A UNet's runs of same-shape blocks (a level's ResBlock + attention pairs) as one lax.scan
+    # each: a smaller program for the compiler, parameters gathered block by block under FSDP.
+    # Same parameters and outputs; dropout masks come from other keys.
+    c.model.scan_blocks = False
     # "auto" = "cpu" on the CPU backend (Winograd convolutions, fused GroupNorm backward, hash
     # dropout masks), "xla" elsewhere (XLA's own ops); resolved when the config is loaded.
     c.model.kernels = "auto"
@@ -98,6 +102,10 @@ def default_config(kind: str = "base") -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     # logical axis -> mesh axes (None = replicated), see glide_jax.sharding; FSDP by default
     c.mesh.rules = [(name, list(t) if isinstance(t, tuple) else t) for name, t in sharding.DEFAULT_RULES]
+    # ZeRO-1: the Adam moments and the EMA also split over `data` (sharding.split_over_data), so
+    # each data-parallel replica updates 1/data of them; the parameters keep the rules' sharding.
+    # Same numbers; less memory and update traffic per chip when data > 1.
+    c.mesh.shard_update_over_data = False
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ["a red circle", "a blue square"]

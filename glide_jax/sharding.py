@@ -159,6 +159,36 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules | None = None
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def split_over_data(abstract_tree: Any, shardings: Any) -> Any:
+    """The shardings with each array also split over the `data` axis (ZeRO-1 for the optimizer
+    state and EMA: every data-parallel replica updates only its part).
+
+    Per leaf, the largest dimension that the `data` axis (times the axes already on it) divides
+    gets it; scalars, leaves already split over `data` and leaves no dimension of which divides
+    are left as they are. A mesh whose `data` axis has size 1 changes nothing.
+
+    Args:
+      abstract_tree: arrays or ShapeDtypeStructs; shardings: the same tree of NamedShardings.
+    """
+
+    def one(leaf, sh):
+        mesh = sh.mesh
+        d = mesh.shape.get(DATA, 1)
+        shape = np.shape(leaf)
+        spec = list(tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec)))
+        entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+        if d == 1 or any(DATA in e for e in entries):
+            return sh
+        for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+            if shape[i] % (math.prod(mesh.shape[a] for a in entries[i]) * d) == 0:
+                axes = entries[i] + (DATA,)
+                spec[i] = axes[0] if len(axes) == 1 else axes
+                return NamedSharding(mesh, P(*spec))
+        return sh
+
+    return jax.tree.map(one, abstract_tree, shardings)
+
+
 def batch_axes(mesh: Mesh, rules: Rules | None = None) -> Any:
     """The mesh axes the leading (batch) axis is split over, per the rules' `batch` entry."""
     entry = nn.logical_to_mesh_axes((BATCH,), normalize_rules(rules))[0]

@@ -1,4 +1,4 @@
-"""Training-system checks: caption dropout, FSDP equivalence and memory split, every model kind
+"""Training-system checks: caption dropout, FSDP and ZeRO-1 equivalence and memory split, every model kind
 through one train step (two processes training together: test_multihost_faults.py)."""
 import json
 import math
@@ -68,6 +68,12 @@ def test_fsdp_step_matches_single_device_and_splits_memory():
     assert abs(r["loss_single"] - r["loss_fsdp"]) <= 1e-5 * abs(r["loss_single"])
     assert r["max_rel_param_diff"] <= 1e-5
     for frac in r["param_fraction_per_device"] + r["opt_fraction_per_device"]:
+        assert abs(frac - 1 / 8) <= 0.15 / 8, r
+    # ZeRO-1 on data=8: the same step; params replicated, Adam moments and EMA split 8 ways
+    assert abs(r["loss_single"] - r["loss_zero1"]) <= 1e-5 * abs(r["loss_single"])
+    assert r["zero1_max_rel_param_diff"] <= 1e-5 and r["zero1_max_rel_ema_diff"] <= 1e-5
+    assert all(abs(f - 1) <= 1e-9 for f in r["zero1_param_fraction_per_device"]), r
+    for frac in r["zero1_opt_fraction_per_device"] + r["zero1_ema_fraction_per_device"]:
         assert abs(frac - 1 / 8) <= 0.15 / 8, r
 
 
