@@ -422,13 +422,13 @@ def setup_state(config, mesh=None, *, manager=None, fresh: bool = False, abstrac
     boxed, init_fn = _abstract_state(model, tx, rng)
     if mesh is not None:
         shardings = sharding.logical_shardings(boxed, mesh, config.mesh.rules)
+        shapes = nn.meta.unbox(boxed)
         if config.mesh.get("shard_update_over_data", False):
-            shapes = nn.meta.unbox(boxed)
             shardings = shardings.replace(
                 opt_state=sharding.split_over_data(shapes.opt_state, shardings.opt_state),
                 ema_params=sharding.split_over_data(shapes.ema_params, shardings.ema_params))
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                nn.meta.unbox(boxed), shardings)
+                                shapes, shardings)
     else:
         shardings, abstract = None, nn.meta.unbox(boxed)
     setup = Setup(model, tx, abstract, shardings, init_fn)

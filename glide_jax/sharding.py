@@ -108,7 +108,7 @@ def check_rules(rules: Rules | None) -> None:
         if len(rule) != 2:
             raise RulesError(f"mesh.rules: {rule!r} is not a (logical axis, mesh axes) pair")
         name, target = rule
-        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = layers.entry_axes(target)
         if name not in known_logical:
             raise RulesError(f"mesh.rules: unknown logical axis {name!r}; known: {sorted(known_logical)}")
         bad = [t for t in targets if t not in MESH_AXES]
@@ -121,7 +121,7 @@ def _divisible(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     used: set[str] = set()
     out = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        axes = layers.entry_axes(entry)
         kept = []
         for ax in axes:
             size = mesh.shape[ax]
@@ -176,7 +176,7 @@ def split_over_data(abstract_tree: Any, shardings: Any) -> Any:
         d = mesh.shape.get(DATA, 1)
         shape = np.shape(leaf)
         spec = list(tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec)))
-        entries = [() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in spec]
+        entries = [layers.entry_axes(e) for e in spec]
         if d == 1 or any(DATA in e for e in entries):
             return sh
         for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
@@ -192,7 +192,7 @@ def split_over_data(abstract_tree: Any, shardings: Any) -> Any:
 def batch_axes(mesh: Mesh, rules: Rules | None = None) -> Any:
     """The mesh axes the leading (batch) axis is split over, per the rules' `batch` entry."""
     entry = nn.logical_to_mesh_axes((BATCH,), normalize_rules(rules))[0]
-    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    axes = layers.entry_axes(entry)
     axes = tuple(a for a in axes if a in mesh.axis_names)
     return axes[0] if len(axes) == 1 else (axes or None)
 

@@ -36,6 +36,11 @@ BATCH = "batch"           # leading axis of activations and batches
 KERNEL_SPATIAL = None     # conv spatial dims are never sharded
 
 
+def entry_axes(entry: Any) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of axis names."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
     """Pins an activation's leading axis to the mesh axes the `batch` rule names.
 
@@ -47,7 +52,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if not rules or mesh.empty:
         return x
     entry = nn.logical_to_mesh_axes((BATCH,), rules)[0]
-    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    axes = entry_axes(entry)
     axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
     if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
         return x

@@ -7,7 +7,6 @@ sampling loop (`loop_timestep_map`, `loop_samples`). NCHW exists only at this bo
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import pathlib
 from typing import Any, Mapping
