@@ -1,4 +1,5 @@
-"""jax's persistent compilation cache for training and sampling runs (`train.compile_cache_dir`).
+"""How a run's programs are compiled: jax's persistent compilation cache (`train.compile_cache_dir`)
+and the compiler's effort (`train.compiler_effort`).
 
 A compiled program is written to the cache directory under a key of its HLO, the compile
 options, the devices and the jax/XLA versions; a later process that compiles the same program
@@ -12,6 +13,12 @@ CPU-sized programs of small configs are kept too: every entry size, and programs
 least `MIN_COMPILE_TIME_S` to compile (jax's default is 1 s; below 0.1 s are the one-op programs
 of eager calls, not worth a file each). A threshold set in the environment
 (`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, `..._MIN_ENTRY_SIZE_BYTES`) wins.
+
+`train.compiler_effort` is XLA's `exec_time_optimization_effort` in [-1, 1] (jax's
+`jax_exec_time_optimization_effort`): 0 is XLA's default; -1 asks for the fastest compile. On the
+TPU compiler it is the difference between compiling the released base for a v4-8 in 10 min with
+21 GB of host memory and in 4 min with 8 GB (docs/tpu.md); what it costs in step time can only be
+measured on a TPU. It is part of the compile options, so it is part of the cache key.
 """
 from __future__ import annotations
 
@@ -45,3 +52,31 @@ def enable(cache_dir: str, workdir: str | None = None) -> str | None:
     if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size limit
     return cache_dir
+
+
+EFFORT_RANGE = (-1.0, 1.0)
+
+
+def compiler_effort(effort) -> float:
+    """`train.compiler_effort` checked: a float in [-1, 1].
+
+    Raises:
+      ValueError: not a number in [-1, 1] (one line, naming the field).
+    """
+    try:
+        value = float(effort)
+    except (TypeError, ValueError):
+        raise ValueError(f"train.compiler_effort must be a number in [-1, 1], got {effort!r}") from None
+    lo, hi = EFFORT_RANGE
+    if not lo <= value <= hi:  # also rejects nan
+        raise ValueError(f"train.compiler_effort must be in [-1, 1] (XLA's exec_time_optimization_effort), "
+                         f"got {value}")
+    return value
+
+
+def set_compiler_effort(effort) -> float:
+    """Sets the compiler's execution-time effort (`train.compiler_effort`, see above) for every
+    later compile of this process; returns it as a float. Raises ValueError as `compiler_effort`."""
+    value = compiler_effort(effort)
+    jax.config.update("jax_exec_time_optimization_effort", value)
+    return value

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from glide_jax import checkpoint, losses, sharding, tokenizer
+from glide_jax import checkpoint, compile_cache, losses, sharding, tokenizer
 from glide_jax.diffusion import gaussian, schedules
 from glide_jax.models import defaults, layers
 from glide_jax.models.clip import ClipConfig, ClipModel
@@ -307,6 +307,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       value must agree);
     - `model.kernels` is resolved ("auto" -> what this backend runs), so the saved config names
       the program that ran;
+    - `train.compiler_effort` is a number in [-1, 1];
     - the network's constructor accepts the hparams (e.g. GLIDE's `channel_mult` rule).
     Raises SetupError with a one-line message.
     """
@@ -334,6 +335,12 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if weighting != "uniform" and kind.loss is not losses.diffusion_loss:
             raise SetupError(f"train.mse_weighting={weighting!r} weights a diffusion loss; a {kind.name} model "
                              "trains with its own loss (leave it 'uniform')")
+        try:
+            effort = compile_cache.compiler_effort(config.train.get("compiler_effort", 0.0))
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        if "compiler_effort" in config.train:  # a config saved before the field existed stays as it was
+            config.train.compiler_effort = effort
         if config.data.get("low_res_size", 0) and not kind.name.startswith("upsample"):
             raise SetupError(f"data.low_res_size={config.data.low_res_size} is for upsamplers; a {kind.name} "
                              "model takes no low-resolution input")

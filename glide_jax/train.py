@@ -62,6 +62,7 @@ def make_jitted_step(config, model, tx, shardings_state, batch_shardings, mesh, 
         ema_rate=float(config.train.ema_rate),
         micro_batches=int(config.train.micro_batches),
         ema_warmup=bool(config.train.get("ema_warmup", False)),
+        grad_shardings=shardings_state.params,
     )
     rules = config.mesh.rules
 
@@ -258,8 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
         raise TrainingError(refused)
     # before the first compile (init, step), so a resumed or repeated run reads them back
     cache_dir = compile_cache.enable(config.train.get("compile_cache_dir", ""), workdir)
-    if cache_dir and jax.process_index() == 0:
-        log.info("compilation cache: %s", cache_dir)
+    effort = compile_cache.set_compiler_effort(config.train.get("compiler_effort", 0.0))
+    if jax.process_index() == 0:
+        if cache_dir:
+            log.info("compilation cache: %s", cache_dir)
+        if effort:
+            log.info("compiler effort %g (XLA exec_time_optimization_effort)", effort)
     try:
         return _train(config, workdir, mesh, preempt, force_new=force_new)
     finally:

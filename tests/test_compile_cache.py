@@ -40,3 +40,39 @@ def test_none_off_and_explicit_dirs_pass_through(tmp_path):
     suite = str(tmp_path / "suite")
     assert _enable("", str(tmp_path), JAX_COMPILATION_CACHE_DIR=suite)[:2] == [suite, suite]
     assert _enable(str(tmp_path / "mine"), str(tmp_path), JAX_COMPILATION_CACHE_DIR=suite)[0] == str(tmp_path / "mine")
+
+
+EFFORT = """
+import sys, jax, jax.numpy as jnp
+from glide_jax import compile_cache
+compile_cache.enable(sys.argv[1])
+compile_cache.set_compiler_effort(float(sys.argv[2]))
+assert jax.config.jax_exec_time_optimization_effort == float(sys.argv[2])
+jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))(jnp.ones((96, 96))).block_until_ready()
+"""
+
+
+def test_compiler_effort_is_part_of_the_cache_key(tmp_path):
+    """A program compiled at another `train.compiler_effort` is a new cache entry, not a stale hit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache = tmp_path / "cache"
+
+    def entries(effort):
+        subprocess.run([sys.executable, "-c", EFFORT, str(cache), effort], env=env, timeout=120, check=True)
+        return len(list(cache.iterdir()))
+
+    first = entries("0")
+    assert first >= 1
+    assert entries("0") == first  # the same program at the same effort: read back, nothing new
+    assert entries("-1") > first
+
+
+def test_compiler_effort_checks_its_range():
+    import pytest
+
+    from glide_jax import compile_cache
+    assert compile_cache.compiler_effort("-0.5") == -0.5
+    for bad in (1.5, -2, float("nan"), None, "x"):
+        with pytest.raises(ValueError, match="train.compiler_effort"):
+            compile_cache.compiler_effort(bad)

@@ -64,6 +64,16 @@ def test_finalize_fills_and_checks_what_must_agree():
     c.model.hparams.channel_mult = "1,2"  # a 64 px GLIDE UNet has four levels
     with pytest.raises(experiment.SetupError, match="model.hparams: channel_mult '1,2': GLIDE needs"):
         experiment.finalize(c)
+    for bad, message in ((2.0, r"must be in \[-1, 1\].*got 2.0"), ("fast", "must be a number in .*got 'fast'"),
+                         (float("nan"), "must be in")):
+        c = default_config("base")
+        with c.ignore_type():
+            c.train.compiler_effort = bad
+        with pytest.raises(experiment.SetupError, match="train.compiler_effort " + message):
+            experiment.finalize(c)
+    c = default_config("base")
+    c.train.compiler_effort = -1
+    assert experiment.finalize(c).train.compiler_effort == -1.0
 
 
 def test_bad_config_on_the_command_line_is_one_error_line(tmp_path):

@@ -31,6 +31,10 @@ SCRIPT = textwrap.dedent("""
                 rc = plan.main(["--config", "test_tiny", "--tpu", slc, "--program", program, "--json",
                                 "--hlo", f"{hlo_dir}/{slc}-{program}.hlo"])
             out["plans"][f"{slc}/{program}"] = json.loads(buf.getvalue()) if rc == 0 else rc
+    buf = io.StringIO()  # the fastest compile XLA offers (train.compiler_effort), last: each plan sets its own
+    with contextlib.redirect_stdout(buf):
+        rc = plan.main(["--config", "test_tiny", "--tpu", slices[0], "--json", "--set", "train.compiler_effort=-1"])
+    out["fast"] = json.loads(buf.getvalue()) if rc == 0 else rc
     print(json.dumps(out))
 """)
 
@@ -51,6 +55,16 @@ def plans(tmp_path_factory):
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return dict(json.loads(p.stdout.strip().splitlines()[-1]), hlo_dir=hlo_dir)
+
+
+@needs_libtpu
+def test_compiler_effort_reaches_the_tpu_compiler(plans):
+    """`train.compiler_effort=-1` compiles another program (other machine code) of the same step (same FLOPs)."""
+    fast, default = plans["fast"], plans["plans"][f"{SLICES[0]}/train"]
+    assert isinstance(fast, dict), f"plan exited {fast}"
+    assert (fast["compiler_effort"], default["compiler_effort"]) == (-1.0, 0.0)
+    assert fast["fits"] and fast["flops_per_chip"] == pytest.approx(default["flops_per_chip"], rel=0.02)
+    assert fast["hbm"]["generated_code"] != default["hbm"]["generated_code"]
 
 
 @needs_libtpu
