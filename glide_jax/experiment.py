@@ -336,7 +336,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise SetupError(f"train.mse_weighting={weighting!r} weights a diffusion loss; a {kind.name} model "
                              "trains with its own loss (leave it 'uniform')")
         try:
-            effort = compile_cache.compiler_effort(config.train.get("compiler_effort", 0.0))
+            effort = compile_cache.config_effort(config)
         except ValueError as e:
             raise SetupError(str(e)) from None
         if "compiler_effort" in config.train:  # a config saved before the field existed stays as it was

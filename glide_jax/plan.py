@@ -271,7 +271,7 @@ def plan(config, mesh_sizes: Mapping[str, int], *, hbm_gib: float, batch: int | 
     apply_overrides(config, batch=batch, micro_batches=micro_batches)
     kind = config.model.hparams.kind
     prog = train_program(config, mesh)
-    effort = compile_cache.set_compiler_effort(config.train.get("compiler_effort", 0.0))
+    effort = compile_cache.set_compiler_effort(config)
     compiled, compile_s = _compile(prog)
     mem = compiled.memory_analysis()
 
@@ -667,7 +667,7 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
         micro_batches=int(config.train.micro_batches) if program == "train" else 1,
         hbm_capacity_bytes=chip.hbm_bytes, peak_flops_per_chip=chip.peak_flops,
         hbm_bandwidth_per_chip=chip.hbm_bandwidth, lower_s=prog.lower_s,
-        compiler_effort=compile_cache.set_compiler_effort(config.train.get("compiler_effort", 0.0)),
+        compiler_effort=compile_cache.set_compiler_effort(config),  # before the compile below
     )
     if program == "sample":
         sched = experiment.schedule_for(config.model.hparams, str(config.sample.respacing))

@@ -416,7 +416,7 @@ def load_for_sampling(path: str):
     compile_cache.enable(cfg_json.get("train", {}).get("compile_cache_dir", ""), path)  # the run's (train.py)
     try:
         experiment.finalize(config)
-        compile_cache.set_compiler_effort(config.train.get("compiler_effort", 0.0))  # the run's (finalize checked it)
+        compile_cache.set_compiler_effort(config)  # the run's (finalize checked it)
         manager = checkpoint.make_manager(path, async_save=False)
         if not manager.all_steps():
             raise SampleError(f"{path} has no checkpoint yet")

@@ -259,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, force
         raise TrainingError(refused)
     # before the first compile (init, step), so a resumed or repeated run reads them back
     cache_dir = compile_cache.enable(config.train.get("compile_cache_dir", ""), workdir)
-    effort = compile_cache.set_compiler_effort(config.train.get("compiler_effort", 0.0))
+    effort = compile_cache.set_compiler_effort(config)
     if jax.process_index() == 0:
         if cache_dir:
             log.info("compilation cache: %s", cache_dir)

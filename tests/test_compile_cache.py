@@ -43,10 +43,10 @@ def test_none_off_and_explicit_dirs_pass_through(tmp_path):
 
 
 EFFORT = """
-import sys, jax, jax.numpy as jnp
+import sys, jax, jax.numpy as jnp, ml_collections
 from glide_jax import compile_cache
 compile_cache.enable(sys.argv[1])
-compile_cache.set_compiler_effort(float(sys.argv[2]))
+compile_cache.set_compiler_effort(ml_collections.ConfigDict({"train": {"compiler_effort": float(sys.argv[2])}}))
 assert jax.config.jax_exec_time_optimization_effort == float(sys.argv[2])
 jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))(jnp.ones((96, 96))).block_until_ready()
 """
