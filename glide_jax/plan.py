@@ -19,11 +19,15 @@ replaces the config's model hyper-parameters (GLIDE constructor keys, as `glide_
 abstract devices; no TPU is needed. Per chip: HBM = arguments + outputs - aliased (donated) +
 temp from the compiler's buffer assignment (honours remat), FLOPs and bytes accessed from its
 cost analysis, a roofline step time max(FLOPs / peak, bytes / HBM bandwidth), and the
-collectives of the compiled HLO. These are compiler estimates, not measurements (docs/tpu.md).
+collectives of the compiled HLO. The cost analysis counts every access alike, also those to
+buffers the compiler keeps in on-chip memory (VMEM); `hbm_roofline_s` is the same roofline over
+the accesses to HBM only (`hbm_traffic`, read off the compiled program's memory spaces). These
+are compiler estimates, not measurements (docs/tpu.md).
 `--search` compiles mesh factorisations x remat x micro-batches (pruned, at most --max-compiles)
 and ranks them. The default mesh is the config's (`config.mesh`; sampling: data over all chips).
 `--set train.compiler_effort=-1` compiles as training would with that setting (XLA's fastest
-compile: the released base for a v4-8 in a third of the time and host memory; glide_jax.compile_cache).
+compile: the released base for a v4-8 in a third of the time and host memory, but without the
+on-chip memory assignment, so its HBM traffic is not training's; glide_jax.compile_cache).
 
 Without `--tpu`, on fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count, set
 before jax starts; the module re-executes itself when jax is already running). Reported per
@@ -357,13 +361,23 @@ def _shape_bytes(shape: str) -> int:
 _TILED_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\](\{[^}]*\})?")
 
 
-def _tiled_bytes(shape: str) -> int:
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+
+
+def _tiled_bytes(shape: str, hbm_only: bool = False) -> int:
     """Bytes of the arrays in an HLO shape as their layouts store them: a TPU layout
     `{minor_to_major:T(8,128)...}` pads the most-minor dimensions to whole tiles (a 32-channel
-    f32 activation takes the space of 128). Layouts without tiles (CPU) are the plain size."""
+    f32 activation takes the space of 128). Layouts without tiles (CPU) are the plain size.
+
+    hbm_only: count only the arrays in the default memory space (HBM). The TPU compiler's
+    memory-space assignment puts some buffers in on-chip memory, marked `S(1)` in the layout
+    (VMEM; on v4 also CMEM): reading or writing those moves no HBM bytes."""
     total = 0.0
     for dtype, dims, layout in _TILED_ARRAY.findall(shape):
         if dtype not in _DTYPE_BYTES:
+            continue
+        space = _MEMORY_SPACE.search(layout) if layout else None
+        if hbm_only and space and space.group(1) != "0":
             continue
         d = [int(x) for x in dims.split(",") if x]
         order_text, _, tiling = layout[1:-1].partition(":") if layout else ("", "", "")
@@ -498,9 +512,21 @@ def _sliced_parameters(lines: Sequence[str], sizes: Mapping[str, tuple[int, int]
     for pname, index in params.items():
         use = users.get(pname, [])
         if use and all(op in _READS_ITS_RESULT for op, _ in use):
-            parts = [sizes.get(u, (0, 0)) for _, u in use]
-            out[index] = (sum(a for a, _ in parts), sum(b for _, b in parts))
+            parts = [sizes.get(u, (0, 0, 0)) for _, u in use]
+            out[index] = (sum(p[0] for p in parts), sum(p[1] for p in parts))
     return out
+
+
+def _sizes(shape: str) -> tuple[int, int, int]:
+    """(tiled bytes, logical bytes, tiled bytes in HBM) of an HLO shape."""
+    return _tiled_bytes(shape), _shape_bytes(shape), _tiled_bytes(shape, hbm_only=True)
+
+
+def _part(whole: tuple[int, int, int], tiled: int, plain: int) -> tuple[int, int, int]:
+    """The sizes of a part (`tiled`, `plain` bytes, never more than the whole) of an array `whole`
+    (`_sizes`): in HBM where the array is."""
+    tiled, plain = min(tiled, whole[0]), min(plain, whole[1])
+    return tiled, plain, tiled if whole[2] else 0
 
 
 def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
@@ -517,8 +543,14 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
     place (the update read and written), and so does a fusion that ends in one; a fusion reads only
     the slices it takes of an operand. Our own count, not the compiler's: on TPU the cost
     analysis' "bytes accessed" lies between the two (its own model of each op); on CPU they agree.
+    `hbm_bytes` counts only the accesses to arrays in HBM: the TPU compiler's memory-space
+    assignment keeps some buffers in on-chip memory (`S(1)` layouts) and stages others there with
+    asynchronous copies and slices (prefetches); the cost analysis counts every access alike, so
+    both the staging and the on-chip reads it feeds. `hbm_bytes` is the traffic the HBM bandwidth
+    limits: the prefetch's read from HBM, not its write to VMEM or the fusion's read from VMEM.
 
-    Returns: {"bytes", "unpadded_bytes", "by_kind": {kind: bytes}, "top": [{"bytes", "count", "op_name"}]}.
+    Returns: {"bytes", "unpadded_bytes", "hbm_bytes", "by_kind": {kind: bytes}, "hbm_by_kind": {kind: bytes in
+    HBM}, "top": [{"bytes", "count", "op_name"}]}.
     """
     comps: dict[str, list[str]] = {}
     cur: list[str] | None = None
@@ -530,13 +562,13 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
             cur = None
         elif cur is not None and line.strip():
             cur.append(line)
-    sizes: dict[str, tuple[int, int]] = {}  # result name -> (tiled bytes, plain bytes)
+    sizes: dict[str, tuple[int, int, int]] = {}  # result name -> (tiled bytes, plain bytes, tiled in HBM)
     inlined: set[str] = set()  # fusion bodies and reducers: their ops do not touch HBM
     for lines in comps.values():
         for line in lines:
             parsed, name = _split_instruction(line), _RESULT_NAME.match(line)
             if parsed and name:
-                sizes[name.group(1)] = (_tiled_bytes(parsed[0]), _shape_bytes(parsed[0]))
+                sizes[name.group(1)] = _sizes(parsed[0])
             if not (parsed and parsed[1] == "call"):
                 inlined.update(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line))
     sliced: dict[str, dict[int, tuple[int, int]]] = {}  # fusion body -> parameters only sliced: bytes read
@@ -546,12 +578,12 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
         parsed = _split_instruction(root)
         if parsed and parsed[1] == "dynamic-update-slice":
             update = _operand_names(root, parsed[1])[1:2]
-            in_place[name] = sizes.get(update[0], (0, 0)) if update else (0, 0)
+            in_place[name] = sizes.get(update[0], (0, 0, 0)) if update else (0, 0, 0)
         sliced[name] = _sliced_parameters(lines, sizes)
         body = "\n".join(lines)
         body_kind[name] = ("convolution" if " convolution(" in body else "dot" if " dot(" in body
                            else "reduce" if " reduce(" in body or " reduce-window(" in body else "elementwise")
-    total, plain, kinds, where = 0, 0, {}, {}
+    total, plain, hbm, kinds, hbm_kinds, where = 0, 0, 0, {}, {}, {}
     for name, lines in comps.items():
         if name in inlined:
             continue
@@ -560,42 +592,46 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
             if parsed is None or parsed[1] in _NO_TRAFFIC:
                 continue
             shape, op = parsed
-            operands = [sizes.get(o, (0, 0)) for o in _operand_names(line, op)]
+            operands = [sizes.get(o, (0, 0, 0)) for o in _operand_names(line, op)]
             called = re.search(r"calls=%([\w.\-]+)", line)
             if op == "fusion" and called:  # a fused slice reads only its part of the operand
                 for i, part in sliced.get(called.group(1), {}).items():
                     if i < len(operands):  # overlapping or padded slices: never more than the whole
-                        operands[i] = (min(part[0], operands[i][0]), min(part[1], operands[i][1]))
+                        operands[i] = _part(operands[i], *part)
+            result = _sizes(shape)
             if op in _READS_ITS_RESULT:  # a slice reads only the part it returns, then writes it
-                arrays = [(_tiled_bytes(shape), _shape_bytes(shape))] * 2
+                arrays = [_part(operands[0], *result[:2]) if operands else result, result]
             elif op == "slice-start":  # result ((operand), slice, s32[]): the slice is read
-                tiled, plain_b = _tiled_bytes(shape), _shape_bytes(shape)
-                arrays = [(tiled - sum(a for a, _ in operands), plain_b - sum(b for _, b in operands))]
+                read = tuple(r - sum(o[i] for o in operands) for i, r in enumerate(result[:2]))
+                arrays = [_part(operands[0], *read) if operands else read + (0,)]
             elif op == "dynamic-update-slice":  # in place: the update is read and written, the rest stays
-                arrays = [operands[1]] * 2 if len(operands) > 1 else []
+                arrays = [operands[1], _part(operands[0], *operands[1][:2])] if len(operands) > 1 else []
             elif op == "fusion" and called and called.group(1) in in_place:
                 # a fusion ending in an in-place update: its inputs but the buffer, and the update written
-                buffer = (_tiled_bytes(shape), _shape_bytes(shape))
                 rest = list(operands)
-                if buffer in rest:
-                    rest.remove(buffer)
-                arrays = rest + [in_place[called.group(1)]]
+                if result in rest:
+                    rest.remove(result)
+                arrays = rest + [_part(result, *in_place[called.group(1)][:2])]
             else:
-                arrays = ([] if op.endswith("-start") else [(_tiled_bytes(shape), _shape_bytes(shape))]) + (
-                    [] if op.endswith("-done") else operands)
-            moved = sum(a for a, _ in arrays)
-            plain += sum(b for _, b in arrays)
+                arrays = ([] if op.endswith("-start") else [result]) + ([] if op.endswith("-done") else operands)
+            moved = sum(a[0] for a in arrays)
+            plain += sum(a[1] for a in arrays)
+            in_hbm = sum(a[2] for a in arrays)
+            hbm += in_hbm
             kind = (f"fusion:{body_kind.get(called.group(1), '?')}" if op == "fusion" and called
                     else re.sub(r"-(start|done)$", "", op))
             op_name = re.search(r'op_name="([^"]*)"', line)
             family = re.sub(r"_\d+\b", "_N", re.sub(r"^jit\([^)]*\)/", "", op_name.group(1))) if op_name else "?"
             total += moved
             kinds[kind] = kinds.get(kind, 0) + moved
+            hbm_kinds[kind] = hbm_kinds.get(kind, 0) + in_hbm
             entry = where.setdefault(family, [0, 0])
             entry[0] += moved
             entry[1] += 1
     top = sorted(where.items(), key=lambda kv: -kv[1][0])[:limit]
-    return {"bytes": total, "unpadded_bytes": plain, "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+    return {"bytes": total, "unpadded_bytes": plain, "hbm_bytes": hbm,
+            "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "hbm_by_kind": dict(sorted(hbm_kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"bytes": b, "count": n, "op_name": k} for k, (b, n) in top]}
 
 
@@ -688,6 +724,7 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
             compiler_error=str(e).strip().splitlines()[0], compile_s=time.perf_counter() - t0,
             host_peak_rss_bytes=_peak_rss_bytes(), **{k: None for k in (
                 "flops_per_chip", "bytes_accessed_per_chip", "compute_s", "memory_s", "roofline_s", "roofline_mfu",
+                "hbm_traffic_bytes_per_chip", "hbm_roofline_s", "hbm_roofline_mfu",
                 "bound", "images_per_s_per_chip", "collectives", "all_to_all")})
         result["note"] = "the TPU compiler refused the program: it does not fit in HBM (compiler_error)"
         return result
@@ -711,6 +748,11 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
     roofline_s = max(compute_s, memory_s)
     optimal = float(cost.get("optimal_seconds", -1.0))
     images_per_step = prog.batch / result.get("sample_evaluations", 1)
+    traffic = hbm_traffic(hlo)
+    # The same roofline over the accesses to arrays in HBM only: what the compiler staged in on-chip
+    # memory (memory-space assignment, `hbm_traffic`) is not limited by the HBM bandwidth.
+    hbm_moved = traffic["hbm_bytes"] * loop_scale
+    hbm_roofline_s = max(compute_s, hbm_moved / chip.hbm_bandwidth)
     result.update(
         hbm_bytes_per_chip=total, hbm=parts, fits=total <= chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - total,
         compile_s=compile_s, host_peak_rss_bytes=_peak_rss_bytes(),
@@ -721,11 +763,15 @@ def plan_tpu(config, slc: tpu.Slice, devices: Sequence, mesh_sizes: Mapping[str,
         bound="compute" if compute_s >= memory_s else "memory",
         images_per_s_per_chip=images_per_step / roofline_s / slc.chips if roofline_s > 0 else float("nan"),
         compiler_optimal_s=optimal if optimal >= 0 else None,
-        collectives=collectives(hlo), all_to_all=all_to_all_sources(hlo), hbm_traffic=hbm_traffic(hlo),
+        hbm_traffic_bytes_per_chip=hbm_moved, hbm_roofline_s=hbm_roofline_s,
+        hbm_roofline_mfu=compute_s / hbm_roofline_s if hbm_roofline_s > 0 else float("nan"),
+        collectives=collectives(hlo), all_to_all=all_to_all_sources(hlo), hbm_traffic=traffic,
     )
     result["note"] = ("compiler estimates for one step, not measurements: HBM from libtpu's buffer assignment; "
                       "FLOPs / bytes from its cost analysis (remat recompute included); roofline_s = max(flops / "
-                      "peak, bytes / HBM bandwidth) ignores communication and overlap; with M micro-batches the "
+                      "peak, bytes / HBM bandwidth) ignores communication and overlap; hbm_roofline_s counts only "
+                      "the bytes of arrays in HBM (our count of the compiled program; the cost analysis also counts "
+                      "on-chip VMEM accesses); with M micro-batches the "
                       "loop body's cost is counted M times (upper bound); collectives are static counts in the "
                       "per-chip program (an op in a loop body counts once)")
     return result
@@ -772,6 +818,9 @@ def format_tpu(r: Mapping[str, Any], config_name: str) -> str:
                  f"accessed -> compute {r['compute_s'] * 1e3:.2f} ms, HBM {r['memory_s'] * 1e3:.2f} ms; roofline "
                  f"{r['roofline_s'] * 1e3:.2f} ms ({r['bound']}-bound, MFU <= {r['roofline_mfu']:.0%}), "
                  f"<= {r['images_per_s_per_chip']:,.1f} images/s/chip")
+    lines.append(f"HBM only (our count of the accesses to arrays in HBM; the compiler keeps others on chip): "
+                 f"{r['hbm_traffic_bytes_per_chip'] / 1e9:,.2f} GB -> roofline {r['hbm_roofline_s'] * 1e3:.2f} ms "
+                 f"(MFU <= {r['hbm_roofline_mfu']:.0%}), <= {r['images_per_s_per_chip'] * r['roofline_s'] / r['hbm_roofline_s']:,.1f} images/s/chip")
     traffic = r.get("hbm_traffic")
     if traffic and traffic["bytes"]:
         kinds = ", ".join(f"{k} {v / traffic['bytes']:.0%}" for k, v in list(traffic["by_kind"].items())[:5])
@@ -856,13 +905,15 @@ def search(config, slc: tpu.Slice, devices: Sequence, *, max_compiles: int = 12,
         if len(times) >= max_compiles:
             break
     inf = float("inf")
-    return sorted(results, key=lambda s: (not s["fits"], s["roofline_s"] or inf, s["hbm_bytes_per_chip"] or inf))
+    return sorted(results, key=lambda s: (not s["fits"], s["hbm_roofline_s"] or inf, s["roofline_s"] or inf,
+                                          s["hbm_bytes_per_chip"] or inf))
 
 
 def summary(r: Mapping[str, Any]) -> dict[str, Any]:
     """The fields of a TPU plan that `--search` ranks and prints."""
     keys = ("mesh", "remat", "micro_batches", "fits", "hbm_bytes_per_chip", "hbm_capacity_bytes", "roofline_s",
-            "roofline_mfu", "bound", "images_per_s_per_chip", "flops_per_chip", "bytes_accessed_per_chip",
+            "roofline_mfu", "hbm_roofline_s", "hbm_roofline_mfu", "bound", "images_per_s_per_chip",
+            "flops_per_chip", "bytes_accessed_per_chip", "hbm_traffic_bytes_per_chip",
             "compile_s", "host_peak_rss_bytes", "collectives")
     return {k: r[k] for k in keys}
 
@@ -871,19 +922,20 @@ def format_search(rows: Sequence[Mapping[str, Any]], config_name: str, slc: tpu.
     lines = [f"search: {config_name} train step on {slc.name} ({slc.chips} x {slc.chip.name}, "
              f"{_fmt_bytes(slc.chip.hbm_bytes)} HBM each), global batch {batch}; best first",
              f"{'data':>5}{'fsdp':>5}{'tensor':>7}{'remat':>6}{'micro':>6}{'fits':>6}{'HBM GiB':>9}"
-             f"{'step ms':>9}{'MFU<=':>7}{'img/s/chip<=':>13}"]
+             f"{'step ms':>9}{'MFU<=':>7}{'img/s/chip<=':>13}{'HBM-only ms':>12}{'MFU<=':>7}"]
     for r in rows:
         m = r["mesh"]
         row = (f"{m['data']:>5}{m['fsdp']:>5}{m['tensor']:>7}{'on' if r['remat'] else 'off':>6}"
                f"{r['micro_batches']:>6}{'yes' if r['fits'] else 'NO':>6}")
         row += f"{r['hbm_bytes_per_chip'] / GIB:>9.2f}" if r["hbm_bytes_per_chip"] else f"{'?':>9}"
         if r["roofline_s"] is not None:
-            row += f"{r['roofline_s'] * 1e3:>9.1f}{r['roofline_mfu']:>7.0%}{r['images_per_s_per_chip']:>13.1f}"
+            row += (f"{r['roofline_s'] * 1e3:>9.1f}{r['roofline_mfu']:>7.0%}{r['images_per_s_per_chip']:>13.1f}"
+                    f"{r['hbm_roofline_s'] * 1e3:>12.1f}{r['hbm_roofline_mfu']:>7.0%}")
         else:
-            row += f"{'-':>9}{'-':>7}{'-':>13}"
+            row += f"{'-':>9}{'-':>7}{'-':>13}{'-':>12}{'-':>7}"
         lines.append(row)
     lines.append("step ms = roofline max(FLOPs / peak, bytes / HBM bandwidth) per chip: a compiler estimate, "
-                 "communication not included")
+                 "communication not included; HBM-only: the same over the bytes of arrays in HBM (ranked by it)")
     return "\n".join(lines)
 
 

@@ -40,7 +40,8 @@ SCRIPT = textwrap.dedent("""
 
 FIELDS = ("backend", "slice", "chips", "hosts", "mesh", "hbm_bytes_per_chip", "hbm", "hbm_capacity_bytes", "fits",
           "compile_s", "host_peak_rss_bytes", "flops_per_chip", "bytes_accessed_per_chip", "roofline_s",
-          "roofline_mfu", "collectives", "all_to_all", "hbm_traffic")
+          "roofline_mfu", "hbm_traffic_bytes_per_chip", "hbm_roofline_s", "hbm_roofline_mfu", "collectives",
+          "all_to_all", "hbm_traffic")
 # jax primitives whose sharding changes the partitioner implements with all-to-alls in these programs
 # (plan.all_to_all_sources, docs/tpu.md): matmuls with an FSDP-split contracting dimension and the
 # elementwise ops beside them, gradient sums of replicated parameters, CFG's row concatenation.
@@ -104,6 +105,11 @@ def test_test_tiny_on_tpu(plans, slc, program):
     traffic = r["hbm_traffic"]
     assert 0.8 * traffic["unpadded_bytes"] <= r["compiler_bytes_accessed_per_chip"] <= 1.2 * traffic["bytes"], traffic
     assert sum(traffic["by_kind"].values()) == traffic["bytes"] >= sum(t["bytes"] for t in traffic["top"])
+    assert 0 < traffic["hbm_bytes"] == sum(traffic["hbm_by_kind"].values()) <= traffic["bytes"]
+    assert r["hbm_traffic_bytes_per_chip"] == traffic["hbm_bytes"] * r["loop_scale"]
+    assert r["hbm_roofline_s"] == pytest.approx(max(r["compute_s"], r["hbm_traffic_bytes_per_chip"] /
+                                                    s.chip.hbm_bandwidth))
+    assert 0 < r["hbm_roofline_mfu"] <= 1
     # --hlo wrote the compiled module the figures come from: its collectives are the ones counted
     hlo = (plans["hlo_dir"] / f"{slc}-{program}.hlo").read_text()
     assert hlo.startswith("HloModule") and plan.collectives(hlo) == coll
@@ -171,6 +177,36 @@ def test_hbm_traffic_adds_up_to_the_compilers_bytes_accessed():
     assert sum(b for k, b in kinds.items() if "dot" in k) >= 2 * 256 * 256 * 4, kinds
     assert {t["op_name"] for t in r["top"]} >= {"conv_general_dilated"}
     assert r["unpadded_bytes"] == r["bytes"]  # CPU layouts have no tiles
+
+
+# A prefetch as the TPU compiler writes it: `a` copied from HBM into on-chip memory (S(1)), a
+# fusion reading the on-chip copy and writing its result to HBM. Every array is 8 x 128 bf16, 2 KiB.
+PREFETCH_HLO = """HloModule prefetch
+
+%fused (p0: bf16[8,128]) -> bf16[8,128] {
+  %p0 = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  ROOT %t = bf16[8,128]{1,0:T(8,128)(2,1)} tanh(%p0)
+}
+
+ENTRY %main (a: bf16[8,128]) -> bf16[8,128] {
+  %a = bf16[8,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %cs = (bf16[8,128]{1,0:T(8,128)(2,1)S(1)}, bf16[8,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%a)
+  %cd = bf16[8,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  ROOT %f = bf16[8,128]{1,0:T(8,128)(2,1)} fusion(%cd), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_hbm_bytes_leave_out_on_chip_buffers():
+    """Every access counts in `bytes` (the compiler's way); in `hbm_bytes` only the prefetch's read of
+    `a` and the fusion's write: the copy into VMEM and the fusion's read from it stay on chip."""
+    r = plan.hbm_traffic(PREFETCH_HLO)
+    kib = 2048
+    assert r["bytes"] == 4 * kib  # copy: read a, write the copy; fusion: read the copy, write its result
+    assert r["hbm_bytes"] == 2 * kib
+    assert r["hbm_by_kind"] == {"copy": kib, "fusion:elementwise": kib}
+    assert plan._tiled_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}", hbm_only=True) == 0
+    assert plan._tiled_bytes("bf16[8,128]{1,0:T(8,128)(2,1)S(0)}", hbm_only=True) == kib
 
 
 def test_tiled_bytes_pad_the_minor_dimensions():
