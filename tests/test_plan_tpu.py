@@ -66,6 +66,11 @@ def test_compiler_effort_reaches_the_tpu_compiler(plans):
     assert (fast["compiler_effort"], default["compiler_effort"]) == (-1.0, 0.0)
     assert fast["fits"] and fast["flops_per_chip"] == pytest.approx(default["flops_per_chip"], rel=0.02)
     assert fast["hbm"]["generated_code"] != default["hbm"]["generated_code"]
+    # at the default effort the compiler keeps buffers in on-chip memory (memory-space assignment);
+    # at -1 it does not (docs/tpu.md, "On-chip memory"): all but scalars and sync flags are in HBM
+    fast_t, default_t = fast["hbm_traffic"], default["hbm_traffic"]
+    assert fast_t["hbm_bytes"] >= 0.99 * fast_t["bytes"], fast_t
+    assert default_t["hbm_bytes"] < 0.8 * default_t["bytes"], default_t
 
 
 @needs_libtpu
@@ -116,6 +121,18 @@ def test_test_tiny_on_tpu(plans, slc, program):
     if program == "train":
         assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
         assert a2a["bytes"] < 0.05 * coll["all-gather"]["bytes"]
+
+
+@needs_libtpu
+def test_text_reports_show_both_rooflines(plans):
+    """The plan's and the search's text output name the roofline by the cost analysis and the one over
+    HBM accesses only, with the plan's own figures."""
+    r = plans["plans"][f"{SLICES[0]}/train"]
+    text = plan.format_tpu(r, "test_tiny")
+    assert f"roofline {r['roofline_s'] * 1e3:.2f} ms" in text
+    assert f"{r['hbm_traffic_bytes_per_chip'] / 1e9:,.2f} GB -> roofline {r['hbm_roofline_s'] * 1e3:.2f} ms" in text
+    table = plan.format_search([plan.summary(r)], "test_tiny", tpu.get_slice(SLICES[0]), r["batch"])
+    assert "HBM-only ms" in table and f"{r['hbm_roofline_s'] * 1e3:.1f}" in table.splitlines()[2]
 
 
 def test_slice_table():
