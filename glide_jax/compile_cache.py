@@ -16,8 +16,8 @@ of eager calls, not worth a file each). A threshold set in the environment
 
 `train.compiler_effort` is XLA's `exec_time_optimization_effort` in [-1, 1] (jax's
 `jax_exec_time_optimization_effort`): 0 is XLA's default; -1 asks for the fastest compile. On the
-TPU compiler it is the difference between compiling the released base for a v4-8 in 610 s with
-20.2 GiB of host memory and in 225 s with 7.4 GiB, but at -1 the compiler skips its memory-space
+TPU compiler it is the difference between compiling the released base for a v4-8 in 379 s with
+13.5 GiB of host memory and in 225 s with 7.4 GiB, but at -1 the compiler skips its memory-space
 assignment (nothing is staged in on-chip memory), so the program reads and writes HBM 2-3x as much
 (the bench model: 8.2 instead of 3.2 GB per step; docs/tpu.md): a setting for planning a slice's
 memory, not for training. It is part of the compile options, so it is part of the cache key.

@@ -96,7 +96,7 @@ def default_config(kind: str = "base") -> ml_collections.ConfigDict:
     # "none" = off, else a local or gs:// directory (a resumed or repeated run skips its compiles)
     c.train.compile_cache_dir = ""
     # XLA's exec_time_optimization_effort in [-1, 1] (glide_jax.compile_cache): 0 = XLA's default,
-    # -1 = fastest compile (on TPU 2-3x faster, a third of the host memory) without the TPU compiler's
+    # -1 = fastest compile (on TPU 1.7-7x faster, half the host memory) without the TPU compiler's
     # on-chip memory assignment, so each step moves 2-3x the HBM bytes: for planning, not training
     c.train.compiler_effort = 0.0
 
