@@ -598,7 +598,8 @@ def hbm_traffic(hlo_text: str, limit: int = 8) -> dict[str, Any]:
                 for i, part in sliced.get(called.group(1), {}).items():
                     if i < len(operands):  # overlapping or padded slices: never more than the whole
                         operands[i] = _part(operands[i], *part)
-            result = _sizes(shape)
+            name = _RESULT_NAME.match(line)
+            result = sizes[name.group(1)] if name else _sizes(shape)  # sized once, in the first pass
             if op in _READS_ITS_RESULT:  # a slice reads only the part it returns, then writes it
                 arrays = [_part(operands[0], *result[:2]) if operands else result, result]
             elif op == "slice-start":  # result ((operand), slice, s32[]): the slice is read
